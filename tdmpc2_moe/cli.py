@@ -1,0 +1,34 @@
+"""`tdmpc2-moe`: train, play, analyze, demo. Each subcommand lives in its own module and parses its own flags."""
+import importlib
+import sys
+
+COMMANDS = {
+	"train": ("tdmpc2_moe.training", "train TD-MPC2 with MoE heads through upstream's trainer"),
+	"play": ("tdmpc2_moe.play", "run a checkpoint and record how the gates weigh the experts"),
+	"analyze": ("tdmpc2_moe.analysis", "summary table and plots from a saved weight_stats.npz"),
+	"demo": ("tdmpc2_moe.demo", "leaky fork-style MoE vs MoEBlock, side by side (no TD-MPC2 needed)"),
+}
+
+
+def _usage():
+	lines = ["usage: tdmpc2-moe {" + ",".join(COMMANDS) + "} [args ...]", ""]
+	lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+	return "\n".join(lines)
+
+
+def main(argv=None):
+	"""Entry point of the `tdmpc2-moe` command; returns the process exit code."""
+	argv = list(sys.argv[1:] if argv is None else argv)
+	if not argv or argv[0] in ("-h", "--help"):
+		print(_usage())
+		return 0 if argv else 2
+	name, rest = argv[0], argv[1:]
+	if name not in COMMANDS:
+		print(f"tdmpc2-moe: unknown command {name!r}\n{_usage()}", file=sys.stderr)
+		return 2
+	module = importlib.import_module(COMMANDS[name][0])
+	return module.main(rest)
+
+
+if __name__ == "__main__":
+	sys.exit(main())

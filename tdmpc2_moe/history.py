@@ -1,0 +1,73 @@
+"""GateHistory: a fixed-size ring of dense routing vectors, kept on the model's device."""
+import torch
+import torch.nn as nn
+
+
+class GateHistory(nn.Module):
+	"""
+	Ring buffer of the last `capacity` dense routing vectors ([E] each, the top-k weights scattered
+	into their experts' slots). `topk_gate(..., history=h)` writes into it on the device and advances
+	the device-side cursor, so recording needs no host synchronisation and never grows.
+	Memory: capacity * E * element size, whatever the number of steps.
+	Buffers are non-persistent: the ring is a diagnostic, not part of a checkpoint.
+	"""
+
+	def __init__(self, capacity, n_experts, device=None, dtype=torch.float32):
+		super().__init__()
+		if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+			raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+		if not isinstance(n_experts, int) or isinstance(n_experts, bool) or not 1 <= n_experts <= 1024:
+			raise ValueError(f"n_experts must be an int in 1..1024, got {n_experts!r}")
+		if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+			raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+		self.capacity = capacity
+		self.n_experts = n_experts
+		self.register_buffer("ring", torch.zeros(capacity, n_experts, device=device, dtype=dtype), persistent=False)
+		self.register_buffer("cursor", torch.zeros((), device=device, dtype=torch.int64), persistent=False)
+
+	@property
+	def device(self):
+		return self.ring.device
+
+	@property
+	def total(self):
+		"""Returns the number of rows recorded since creation or the last `clear()` (reads the device cursor)."""
+		return int(self.cursor.item())
+
+	def clear(self):
+		"""Forgets every recorded row, in place (the ring keeps its storage)."""
+		self.ring.zero_()
+		self.cursor.zero_()
+
+	def snapshot(self):
+		"""Returns a CPU float tensor [min(total, capacity), E] of the recorded rows, oldest first."""
+		total = self.total
+		if total <= self.capacity:
+			rows = self.ring[:total]
+		else:
+			start = total % self.capacity
+			rows = torch.cat([self.ring[start:], self.ring[:start]])
+		return rows.float().cpu()
+
+	def _valid_mask(self):
+		filled = torch.clamp(self.cursor, max=self.capacity)
+		return torch.arange(self.capacity, device=self.device) < filled, filled
+
+	def stats(self):
+		"""
+		Returns per-expert statistics over the rows in the ring, as device tensors (no host sync):
+		`usage` [E] share of routing slots per expert, `mean_weight` [E] mean routing weight,
+		`entropy` [] mean routing entropy (nats), `max_load` [] largest usage share, `rows` [] rows used.
+		"""
+		valid, filled = self._valid_mask()
+		w = self.ring.float() * valid.unsqueeze(-1)
+		rows = filled.clamp(min=1).float()
+		slots = (w > 0).float().sum(0)
+		usage = slots / slots.sum().clamp(min=1)
+		mean_weight = w.sum(0) / rows
+		entropy = -(w * torch.log(w.clamp(min=1e-12))).sum(-1).sum() / rows
+		return {"usage": usage, "mean_weight": mean_weight, "entropy": entropy,
+				"max_load": usage.max(), "rows": filled}
+
+	def extra_repr(self):
+		return f"capacity={self.capacity}, n_experts={self.n_experts}, dtype={self.ring.dtype}"

@@ -1,0 +1,81 @@
+"""Plain-PyTorch reference of every op: the tests' oracle and the fallback when `_C` is missing."""
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class Gate(NamedTuple):
+	"""Result of `topk_gate`: weights [N, k], indices [N, k], expert_prob_mean [E], expert_frac [E], lse [N]."""
+	weights: torch.Tensor
+	indices: torch.Tensor
+	expert_prob_mean: torch.Tensor
+	expert_frac: torch.Tensor
+	lse: torch.Tensor
+
+
+def topk_gate_reference(logits, k, temperature=1.0, renormalize=True):
+	"""
+	Top-k softmax gating in plain PyTorch.
+	Returns a `Gate`; ties between equal probabilities go to the lower expert index
+	(a stable descending sort keeps the original order of equal values).
+	"""
+	x = logits.float() / temperature
+	n, e = x.shape
+	probs = torch.softmax(x, dim=-1)
+	top, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
+	top, indices = top[:, :k], indices[:, :k]
+	weights = top / top.sum(-1, keepdim=True) if renormalize else top
+	rows = max(n, 1)
+	expert_prob_mean = probs.sum(0) / rows
+	counts = torch.zeros(e, dtype=torch.float32, device=x.device)
+	counts.index_add_(0, indices.reshape(-1), torch.ones(n * k, dtype=torch.float32, device=x.device))
+	expert_frac = counts / (rows * k)
+	lse = torch.logsumexp(x, dim=-1)
+	return Gate(weights, indices, expert_prob_mean, expert_frac, lse)
+
+
+def dense_routing(weights, indices, n_experts):
+	"""Returns the [N, E] routing matrix: `weights` scattered into their experts' slots, zeros elsewhere."""
+	dense = torch.zeros(weights.shape[0], n_experts, dtype=weights.dtype, device=weights.device)
+	return dense.scatter(1, indices, weights)
+
+
+def record_reference(ring, cursor, weights, indices):
+	"""
+	Writes each row's dense routing vector into `ring` ([capacity, E]) at positions
+	`cursor, cursor+1, ...` modulo capacity, then advances `cursor` (an int64 tensor) by N.
+	Only tensor ops: no host synchronisation.
+	"""
+	capacity, e = ring.shape
+	n = weights.shape[0]
+	dense = dense_routing(weights.float(), indices, e)
+	if n > capacity:
+		# Only the last `capacity` rows survive a full wrap; writing the others would race.
+		dense = dense[n - capacity:]
+		start = cursor + (n - capacity)
+	else:
+		start = cursor
+	rows = dense.shape[0]
+	pos = torch.remainder(start + torch.arange(rows, device=ring.device), capacity)
+	ring.index_copy_(0, pos, dense.to(ring.dtype))
+	cursor.add_(n)
+
+
+def topk_gate_backward_reference(grad_weights, grad_prob_mean, grad_lse, logits, indices, k, temperature, renormalize):
+	"""
+	Gradient of (weights, expert_prob_mean, lse) of `topk_gate_reference` with respect to `logits`,
+	written out by hand (recomputing the softmax), as the compiled backward does it.
+	"""
+	x = logits.float() / temperature
+	n = x.shape[0]
+	probs = torch.softmax(x, dim=-1)
+	top = probs.gather(1, indices)
+	if renormalize:
+		s = top.sum(-1, keepdim=True)
+		w = top / s
+		g_top = (grad_weights - (grad_weights * w).sum(-1, keepdim=True)) / s
+	else:
+		g_top = grad_weights
+	g_p = torch.zeros_like(probs).scatter_add(1, indices, g_top) + grad_prob_mean / max(n, 1)
+	g_x = probs * (g_p - (g_p * probs).sum(-1, keepdim=True)) + grad_lse.unsqueeze(-1) * probs
+	return (g_x / temperature).to(logits.dtype)
