@@ -63,6 +63,7 @@ def topk_gate(logits, k, *, temperature=1.0, renormalize=True, history=None) -> 
 	"""
 	_check_args(logits, k, temperature, history)
 	temperature = float(temperature)
+	renormalize = bool(renormalize)
 	if not _HAVE_C:
 		_warn_reference()
 		gate = topk_gate_reference(logits, k, temperature, renormalize)
@@ -70,4 +71,78 @@ def topk_gate(logits, k, *, temperature=1.0, renormalize=True, history=None) -> 
 			with torch.no_grad():
 				record_reference(history.ring, history.cursor, gate.weights, gate.indices)
 		return gate
-	raise NotImplementedError("compiled path is added with the extension")
+	if history is None:
+		return Gate(*_topk_gate(logits, k, temperature, renormalize))
+	return Gate(*_topk_gate_record(logits, k, temperature, renormalize, history.ring, history.cursor))
+
+
+def _outputs_like(logits, k):
+	"""Returns empty tensors shaped like the operator's outputs (for the fake kernels)."""
+	n, e = logits.shape
+	return (logits.new_empty((n, k), dtype=torch.float32), logits.new_empty((n, k), dtype=torch.int64),
+			logits.new_empty((e,), dtype=torch.float32), logits.new_empty((e,), dtype=torch.float32),
+			logits.new_empty((n,), dtype=torch.float32))
+
+
+def _check_fake(logits, k):
+	torch._check(logits.dim() == 2, lambda: f"logits must be 2-D, got {logits.dim()}-D")
+	torch._check(logits.is_floating_point(), lambda: f"logits must be floating point, got {logits.dtype}")
+	torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
+	torch._check(k <= logits.shape[1], lambda: f"k must be <= E={logits.shape[1]}, got {k}")
+
+
+def _gate_fake(logits, k, temperature, renormalize):
+	_check_fake(logits, k)
+	return _outputs_like(logits, k)
+
+
+def _record_fake(logits, k, temperature, renormalize, ring, cursor):
+	_check_fake(logits, k)
+	torch._check(ring.dim() == 2 and ring.shape[1] == logits.shape[1], lambda: "ring must be [capacity, E]")
+	torch._check(ring.device == logits.device and cursor.device == logits.device,
+				 lambda: "ring and cursor must be on the device of logits")
+	torch._check(cursor.dtype == torch.int64 and cursor.numel() == 1, lambda: "cursor must be one int64")
+	return _outputs_like(logits, k)
+
+
+def _backward_fake(grad_weights, grad_prob_mean, grad_lse, logits, indices, temperature, renormalize):
+	torch._check(indices.dim() == 2 and indices.shape[0] == logits.shape[0], lambda: "indices must be [N, k]")
+	return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+	# Only logits and indices are saved: the backward recomputes the softmax instead of keeping [N, E] probs.
+	ctx.save_for_backward(inputs[0], output[1])
+	ctx.temperature, ctx.renormalize = inputs[2], inputs[3]
+	ctx.mark_non_differentiable(output[1], output[3])
+	# Unused outputs then arrive as None, and the kernel skips them instead of reading zero tensors.
+	ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_weights, grad_indices, grad_prob_mean, grad_frac, grad_lse):
+	logits, indices = ctx.saved_tensors
+	grad = None
+	if ctx.needs_input_grad[0]:
+		grad = _topk_gate_backward(grad_weights, grad_prob_mean, grad_lse, logits, indices,
+								   ctx.temperature, ctx.renormalize)
+	return grad, None, None, None
+
+
+def _backward_record(ctx, *grads):
+	return (*_backward(ctx, *grads), None, None)
+
+
+if _HAVE_C:
+	_topk_gate = torch.ops.tdmpc2_moe.topk_gate.default
+	_topk_gate_record = torch.ops.tdmpc2_moe.topk_gate_record.default
+	_topk_gate_backward = torch.ops.tdmpc2_moe.topk_gate_backward.default
+	torch.library.register_fake("tdmpc2_moe::topk_gate", _gate_fake)
+	torch.library.register_fake("tdmpc2_moe::topk_gate_record", _record_fake)
+	torch.library.register_fake("tdmpc2_moe::topk_gate_backward", _backward_fake)
+	torch.library.register_autograd("tdmpc2_moe::topk_gate", _backward, setup_context=_setup_context)
+	# register_autograd refuses schemas that mutate (the ring); this builds the same autograd kernel
+	# register_autograd would, and registers it at the Autograd key directly.
+	from torch._library.autograd import Info, make_autograd_impl
+	_lib = torch.library.Library("tdmpc2_moe", "IMPL")
+	_lib.impl("topk_gate_record", make_autograd_impl(_topk_gate_record, Info(_backward_record, _setup_context)),
+			  "Autograd", with_keyset=True)

@@ -1,0 +1,205 @@
+// One row of top-k softmax gating, shared verbatim by the CPU kernels (cpu/topk_gate.cpp) and the
+// CUDA kernels (cuda/topk_gate.cu), so the code the GPU runs is the code the CPU tests exercise.
+//
+// Template parameter EB: a compile-time bound on E (4, 8, 16 or 32) lets the compiler unroll the
+// loops and keep a row in registers; EB == 0 means "E only known at run time" (the general path).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define GATE_HD __host__ __device__ __forceinline__
+#define GATE_UNROLL _Pragma("unroll")
+#else
+#define GATE_HD inline __attribute__((always_inline))
+// gcc -O3 unrolls the short constant-bound loops by itself.
+#define GATE_UNROLL
+#endif
+
+namespace tdmpc2_moe {
+
+// Loop bound: the compile-time bucket when there is one (so the loop unrolls), E otherwise.
+template <int EB>
+GATE_HD int gate_bound(int e) {
+	return EB > 0 ? EB : e;
+}
+
+// NaN compares as -inf, so a NaN row still yields a strict order and valid indices.
+GATE_HD float gate_key(float v) {
+	return v != v ? -INFINITY : v;
+}
+
+// Routing order: larger probability first, ties to the lower expert index. Strict and total.
+GATE_HD bool gate_before(float a, int ia, float b, int ib) {
+	const float ka = gate_key(a), kb = gate_key(b);
+	return ka > kb || (ka == kb && ia < ib);
+}
+
+// Adds v to a[i]. With a compile-time bound the index is matched by an unrolled compare, so a row
+// held in registers is never spilled to local memory by a dynamic index.
+template <int EB>
+GATE_HD void gate_add_at(float* a, int e, int i, float v) {
+	if (EB > 0) {
+GATE_UNROLL
+		for (int j = 0; j < gate_bound<EB>(e); ++j)
+			if (j == i) a[j] += v;
+	} else if (i >= 0 && i < e) {
+		a[i] += v;
+	}
+}
+
+// exp(x) for the softmax argument x - max <= 0. The device uses expf. The host uses a branch-free
+// Cephes-style polynomial (about 1 ulp) that the compiler vectorises across a row, where a libm call
+// would not be; exp(-inf) = 0 and NaN stays NaN as with expf, arguments below -87.3 (results below
+// FLT_MIN) give 0.
+GATE_HD float gate_exp(float x) {
+#if defined(__CUDA_ARCH__)
+	return expf(x);
+#else
+	const float xc = x < -87.3f ? -87.3f : (x > 88.f ? 88.f : x);
+	// Round x / ln2 to the nearest integer with the 1.5 * 2^23 trick (no libm, vectorisable).
+	const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;
+	const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+	float y = 1.9875691500e-4f;
+	y = y * r + 1.3981999507e-3f;
+	y = y * r + 8.3334519073e-3f;
+	y = y * r + 4.1665795894e-2f;
+	y = y * r + 1.6666665459e-1f;
+	y = y * r + 5.0000001201e-1f;
+	y = y * r * r + r + 1.f;
+	const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+	float scale;
+	__builtin_memcpy(&scale, &bits, sizeof(scale));
+	const float v = y * scale;
+	return x != x ? x : (x < -87.3f ? 0.f : v);
+#endif
+}
+
+// Turns x (logits already divided by the temperature) into softmax probabilities in place, with
+// max subtraction. Returns the row's logsumexp. With a compile-time bound EB the loops run over all
+// EB entries: the caller pads entries e..EB-1 with -inf, which get probability 0 (or NaN when the
+// whole row is NaN) and, having the highest indices, are never selected.
+template <int EB>
+GATE_HD float gate_softmax(float* x, int e) {
+	const int n = gate_bound<EB>(e);
+	float m = -INFINITY;
+GATE_UNROLL
+	for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;  // NaN never wins, as with fmaxf; maps to maxps
+	// Separate map and sum loops: the map vectorises, a fused loop would be serialised by the sum.
+GATE_UNROLL
+	for (int j = 0; j < n; ++j) x[j] = gate_exp(x[j] - m);
+	float s = 0.f;
+GATE_UNROLL
+	for (int j = 0; j < n; ++j) s += x[j];
+	const float inv = 1.f / s;
+GATE_UNROLL
+	for (int j = 0; j < n; ++j) x[j] *= inv;
+	return m + logf(s);
+}
+
+// The next expert after (prev_v, prev_i) in routing order. Starts from a sentinel that every real
+// entry beats (key -inf, index e), so while an entry remains (pass < e) the result is in [0, e).
+// Returns the index and stores its probability in *best_v.
+template <int EB>
+GATE_HD int gate_select_next(const float* p, int e, float prev_v, int prev_i, float* best_v_out) {
+	float best_v = -INFINITY;
+	int best_i = e;
+GATE_UNROLL
+	for (int j = 0; j < gate_bound<EB>(e); ++j)
+		if (j < e && gate_before(prev_v, prev_i, p[j], j) && gate_before(p[j], j, best_v, best_i)) {
+			best_v = p[j];
+			best_i = j;
+		}
+	*best_v_out = best_v;
+	return best_i;
+}
+
+// Top-k of probabilities p by k selection passes (O(k*E), the fast choice for small k): writes the
+// probabilities in routing order to w[0..k) and their experts to idx[0..k). Returns their sum.
+template <int EB, typename W, typename I>
+GATE_HD float gate_topk(const float* p, int e, int k, W* w, I* idx) {
+	float prev_v = INFINITY, sum = 0.f;
+	int prev_i = -1;
+	for (int j = 0; j < k; ++j) {
+		prev_i = gate_select_next<EB>(p, e, prev_v, prev_i, &prev_v);
+		w[j] = prev_v;
+		idx[j] = prev_i;
+		sum += prev_v;
+	}
+	return sum;
+}
+
+// Divides the k selected probabilities by their sum (renormalize=True).
+template <typename W>
+GATE_HD void gate_renormalize(W* w, int k, float sum) {
+	const float inv = 1.f / sum;
+	for (int j = 0; j < k; ++j) w[j] *= inv;
+}
+
+// Ring position of row `row` of a call with n rows, for a ring of `capacity` rows whose device
+// cursor reads `cursor`. Returns false for rows a full wrap would overwrite within the same call
+// (only the last `capacity` rows are written, so no two rows of one call share a slot).
+GATE_HD bool gate_ring_slot(int64_t cursor, int64_t row, int64_t n, int64_t capacity, int64_t* pos) {
+	if (row < n - capacity) return false;
+	const int64_t r = (cursor + row) % capacity;
+	*pos = r < 0 ? r + capacity : r;
+	return true;
+}
+
+// Writes one dense routing vector into a ring row: zeros, then the k weights at their experts.
+// Cvt converts a float into the ring's element type.
+template <typename Cvt, typename T, typename W, typename I>
+GATE_HD void gate_ring_write(T* ring_row, int e, const W* w, const I* idx, int k) {
+	for (int j = 0; j < e; ++j) ring_row[j] = Cvt::from_float(0.f);
+	for (int j = 0; j < k; ++j) ring_row[idx[j]] = Cvt::from_float(static_cast<float>(w[j]));
+}
+
+// a[i], read without a dynamic index when the bound is compile-time (see gate_add_at).
+template <int EB>
+GATE_HD float gate_value_at(const float* a, int e, int i) {
+	if (EB > 0) {
+		float v = 0.f;
+GATE_UNROLL
+		for (int j = 0; j < gate_bound<EB>(e); ++j)
+			if (j == i) v = a[j];
+		return v;
+	}
+	return (i >= 0 && i < e) ? a[i] : 0.f;
+}
+
+// Backward of one row, the formula of reference.topk_gate_backward_reference:
+//   p = softmax(x);  g_top = renormalize ? (gw - <gw, w>) / s : gw   (s: sum of the top-k p, w = top / s)
+//   g_p = scatter(g_top) + gpm / rows;  g_x = p * (g_p - <g_p, p> + glse);  result = g_x / T.
+// On entry p holds the row's logits divided by the temperature (it is left holding the softmax);
+// out receives the gradient with respect to the logits. gpm: gradient of expert_prob_mean [E];
+// inv_rows = 1 / max(N, 1).
+template <int EB, typename W, typename I>
+GATE_HD void gate_row_backward(float* p, float* out, int e, int k, const W* gw, const I* idx,
+		const float* gpm, float inv_rows, float glse, bool renormalize, float inv_t) {
+	gate_softmax<EB>(p, e);
+	float gpm_dot_p = 0.f;
+GATE_UNROLL
+	for (int j = 0; j < gate_bound<EB>(e); ++j)
+		if (j < e) gpm_dot_p += p[j] * gpm[j];
+	float s = 0.f, gw_dot_top = 0.f;
+	for (int j = 0; j < k; ++j) {
+		const float top = gate_value_at<EB>(p, e, static_cast<int>(idx[j]));
+		s += top;
+		gw_dot_top += static_cast<float>(gw[j]) * top;
+	}
+	// <g_top, top> vanishes with renormalisation: sum_j (gw_j - <gw, w>) top_j / s = <gw, w> - <gw, w>.
+	const float shift = glse - gpm_dot_p * inv_rows - (renormalize ? 0.f : gw_dot_top);
+GATE_UNROLL
+	for (int j = 0; j < gate_bound<EB>(e); ++j)
+		if (j < e) out[j] = p[j] * (gpm[j] * inv_rows + shift) * inv_t;
+	const float inv_s = 1.f / s, w_dot = gw_dot_top * inv_s;
+	for (int j = 0; j < k; ++j) {
+		const int i = static_cast<int>(idx[j]);
+		const float gwj = static_cast<float>(gw[j]);
+		const float g_top = renormalize ? (gwj - w_dot) * inv_s : gwj;
+		gate_add_at<EB>(out, e, i, gate_value_at<EB>(p, e, i) * g_top * inv_t);
+	}
+}
+
+}  // namespace tdmpc2_moe

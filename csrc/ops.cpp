@@ -1,0 +1,40 @@
+// Operator schemas of tdmpc2_moe and their CPU kernels. Importing tdmpc2_moe._C runs the static
+// registrations below; the module itself only carries WITH_CUDA (whether CUDA kernels were built).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/topk_gate.h"
+
+#ifndef TDMPC2_MOE_WITH_CUDA
+#define TDMPC2_MOE_WITH_CUDA 0
+#endif
+
+extern "C" {
+PyObject* PyInit__C(void) {
+	static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+	PyObject* module = PyModule_Create(&module_def);
+	if (module && PyModule_AddObjectRef(module, "WITH_CUDA", TDMPC2_MOE_WITH_CUDA ? Py_True : Py_False) < 0) {
+		Py_DECREF(module);
+		return nullptr;
+	}
+	return module;
+}
+}
+
+TORCH_LIBRARY(tdmpc2_moe, m) {
+	m.def("topk_gate(Tensor logits, int k, float temperature, bool renormalize) -> "
+		  "(Tensor weights, Tensor indices, Tensor expert_prob_mean, Tensor expert_frac, Tensor lse)");
+	// ring and cursor are mutated in place: the schema says so, so torch.compile keeps the write.
+	m.def("topk_gate_record(Tensor logits, int k, float temperature, bool renormalize, Tensor(a!) ring, "
+		  "Tensor(b!) cursor) -> "
+		  "(Tensor weights, Tensor indices, Tensor expert_prob_mean, Tensor expert_frac, Tensor lse)");
+	// Gradients of outputs the loss does not use may be None (no zero tensors are made for them).
+	m.def("topk_gate_backward(Tensor? grad_weights, Tensor? grad_prob_mean, Tensor? grad_lse, Tensor logits, "
+		  "Tensor indices, float temperature, bool renormalize) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tdmpc2_moe, CPU, m) {
+	m.impl("topk_gate", &tdmpc2_moe::topk_gate_cpu);
+	m.impl("topk_gate_record", &tdmpc2_moe::topk_gate_record_cpu);
+	m.impl("topk_gate_backward", &tdmpc2_moe::topk_gate_backward_cpu);
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtual environment $VENV (default .venv), installs torch==2.13.0 first,
+# then the pinned requirements, then builds and installs tdmpc2_moe without build isolation.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+	python3 -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip"
+$PIP install -q torch==2.13.0
+$PIP install -q -r requirements.txt
+$PIP install -q --no-build-isolation .
+$VENV/bin/python -c "import tdmpc2_moe; print('tdmpc2_moe backend:', tdmpc2_moe.backend())"

@@ -1,0 +1,205 @@
+"""MoEBlock: a Mixture-of-Experts drop-in for TD-MPC2's `layers.mlp`, experts stored batched."""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .history import GateHistory
+from .ops import topk_gate
+
+
+def _check_int(name, value, low):
+	if isinstance(value, bool) or not isinstance(value, int) or value < low:
+		raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_coef(name, value):
+	if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+		raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+class ExpertLinear(nn.Module):
+	"""
+	E parallel Linear layers, stored batched (`weight` [E, out, in], `bias` [E, out]) so that one
+	batched matmul runs every expert. With `norm=True` it is the batched counterpart of TD-MPC2's
+	NormedLinear: Linear -> dropout -> per-expert LayerNorm -> `act` (Mish unless given).
+	"""
+
+	def __init__(self, n_experts, in_features, out_features, *, norm=False, act=None, dropout=0.):
+		super().__init__()
+		self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
+		self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
+		self.bias = nn.Parameter(torch.empty(n_experts, out_features))
+		self.norm = norm
+		if norm:
+			self.ln_weight = nn.Parameter(torch.ones(n_experts, out_features))
+			self.ln_bias = nn.Parameter(torch.zeros(n_experts, out_features))
+			self.act = act if act is not None else nn.Mish(inplace=False)
+			self.dropout = nn.Dropout(dropout, inplace=False) if dropout else None
+		self.reset_parameters()
+
+	def reset_parameters(self):
+		"""TD-MPC2's `init.weight_init` for every expert: truncated normal (std 0.02) weights, zero bias."""
+		nn.init.trunc_normal_(self.weight, std=0.02)
+		nn.init.zeros_(self.bias)
+		if self.norm:
+			nn.init.ones_(self.ln_weight)
+			nn.init.zeros_(self.ln_bias)
+
+	def forward(self, x):
+		"""
+		Returns [E, N, out]. `x` is [N, in] (the block input, shared by every expert: one matmul
+		against all experts' weights) or [E, N, in] (each expert's own hidden state: one bmm).
+		"""
+		if x.dim() == 2:
+			w = self.weight.reshape(self.n_experts * self.out_features, self.in_features)
+			y = F.linear(x, w).view(x.shape[0], self.n_experts, self.out_features).transpose(0, 1)
+			y = y + self.bias.unsqueeze(1)
+		else:
+			y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+		if not self.norm:
+			return y
+		if self.dropout is not None:
+			y = self.dropout(y)
+		y = F.layer_norm(y, (self.out_features,))
+		return self.act(torch.addcmul(self.ln_bias.unsqueeze(1), y, self.ln_weight.unsqueeze(1)))
+
+	def extra_repr(self):
+		act = f", act={self.act.__class__.__name__}" if self.norm else ""
+		return f"n_experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}, " \
+			f"norm={self.norm}{act}"
+
+
+class _AttachAux(torch.autograd.Function):
+	"""Returns `out` unchanged; in backward, passes the output gradient through and gives `aux` a gradient of 1."""
+
+	@staticmethod
+	def forward(ctx, out, aux):
+		return out.view_as(out)
+
+	@staticmethod
+	def backward(ctx, grad_out):
+		return grad_out, torch.ones((), dtype=grad_out.dtype, device=grad_out.device)
+
+
+class MoEBlock(nn.Module):
+	"""
+	Mixture-of-Experts drop-in for TD-MPC2's `layers.mlp(in_dim, mlp_dims, out_dim, act, dropout)`.
+	E experts with upstream's layer structure (NormedLinear hidden layers with dropout on the first,
+	a plain last Linear or a NormedLinear with `act`), a linear gate on the block input, `topk_gate`,
+	and the top-k weighted sum of the expert outputs. All experts are computed densely and the
+	combine is a dense [N, E] routing matrix, so every shape is static (CUDA graphs, torch.compile).
+	The load-balancing (+ z) loss rides on the output's autograd graph: whatever loss is
+	backpropagated through the output also trains the gate towards balance; nothing accumulates.
+	`history_rows=None` turns gate recording off.
+	"""
+
+	def __init__(self, in_dim, mlp_dims, out_dim, act=None, dropout=0., *, n_experts=4, top_k=2,
+				 temperature=1.0, aux_coef=0.01, zloss_coef=0.0, history_rows=65536):
+		super().__init__()
+		mlp_dims = [mlp_dims] if isinstance(mlp_dims, int) else list(mlp_dims)
+		for i, d in enumerate([in_dim, *mlp_dims, out_dim]):
+			_check_int("in_dim" if i == 0 else "out_dim" if i == len(mlp_dims) + 1 else "mlp_dims", d, 1)
+		_check_int("n_experts", n_experts, 1)
+		if n_experts > 1024:
+			raise ValueError(f"n_experts must be <= 1024, got {n_experts}")
+		_check_int("top_k", top_k, 1)
+		if top_k > n_experts:
+			raise ValueError(f"top_k must be <= n_experts={n_experts}, got {top_k}")
+		if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+				or not math.isfinite(temperature) or temperature <= 0:
+			raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+		_check_coef("aux_coef", aux_coef)
+		_check_coef("zloss_coef", zloss_coef)
+		_check_coef("dropout", dropout)
+		if history_rows is not None:
+			_check_int("history_rows", history_rows, 1)
+		self.in_dim, self.out_dim = in_dim, out_dim
+		self.n_experts, self.top_k = n_experts, top_k
+		self.temperature, self.aux_coef, self.zloss_coef = float(temperature), float(aux_coef), float(zloss_coef)
+		dims = [in_dim, *mlp_dims, out_dim]
+		layers = [ExpertLinear(n_experts, dims[i], dims[i + 1], norm=True, dropout=dropout * (i == 0))
+				  for i in range(len(dims) - 2)]
+		layers.append(ExpertLinear(n_experts, dims[-2], dims[-1], norm=act is not None, act=act))
+		self.layers = nn.ModuleList(layers)
+		self.gate = nn.Linear(in_dim, n_experts)
+		nn.init.trunc_normal_(self.gate.weight, std=0.02)
+		nn.init.zeros_(self.gate.bias)
+		self.history = GateHistory(history_rows, n_experts) if history_rows is not None else None
+		# Last forward's aux loss and routing summary, overwritten in place (fixed storage, no host sync).
+		self.register_buffer("_last_aux", torch.zeros(()), persistent=False)
+		self.register_buffer("_last_usage", torch.zeros(n_experts), persistent=False)
+		self.register_buffer("_last_mean_weight", torch.zeros(n_experts), persistent=False)
+		self.register_buffer("_last_entropy", torch.zeros(()), persistent=False)
+
+	def __getitem__(self, idx):
+		"""Returns layer `idx` (an ExpertLinear); `block[-1].weight` is every expert's last-layer weight [E, out, in]."""
+		return self.layers[idx]
+
+	def __len__(self):
+		return len(self.layers)
+
+	@property
+	def last_aux_loss(self):
+		"""Returns the aux loss of the latest forward (detached scalar tensor on the block's device)."""
+		return self._last_aux
+
+	def experts(self, x):
+		"""Returns every expert's output for `x` [N, in_dim], stacked [E, N, out_dim]."""
+		for layer in self.layers:
+			x = layer(x)
+		return x
+
+	def aux_loss(self, gate):
+		"""Returns the block's auxiliary loss for a `Gate`: Switch load balancing plus the router z-loss."""
+		aux = self.aux_coef * self.n_experts * (gate.expert_frac * gate.expert_prob_mean).sum()
+		if self.zloss_coef:
+			aux = aux + self.zloss_coef * gate.lse.pow(2).mean()
+		return aux
+
+	def forward(self, x):
+		"""Returns the top-k mixture of expert outputs, shape [..., out_dim] for `x` [..., in_dim]."""
+		if x.shape[-1] != self.in_dim:
+			raise ValueError(f"x must have last dimension in_dim={self.in_dim}, got shape {tuple(x.shape)}")
+		lead = x.shape[:-1]
+		x = x.reshape(-1, self.in_dim)
+		gate = topk_gate(self.gate(x), self.top_k, temperature=self.temperature, history=self.history)
+		y = self.experts(x)
+		routing = torch.zeros(x.shape[0], self.n_experts, dtype=y.dtype, device=y.device)
+		routing = routing.scatter(1, gate.indices, gate.weights.to(y.dtype))
+		out = (routing.t().unsqueeze(-1) * y).sum(0)
+		aux = self.aux_loss(gate)
+		with torch.no_grad():
+			self._last_aux.copy_(aux)
+			if self.history is None:
+				self._record_last(gate)
+		if (self.aux_coef or self.zloss_coef) and torch.is_grad_enabled() and aux.requires_grad:
+			out = _AttachAux.apply(out, aux)
+		return out.reshape(*lead, self.out_dim)
+
+	def _record_last(self, gate):
+		n = max(gate.weights.shape[0], 1)
+		w = gate.weights.float()
+		self._last_usage.copy_(gate.expert_frac)
+		self._last_mean_weight.zero_().index_add_(0, gate.indices.reshape(-1), w.reshape(-1)).div_(n)
+		self._last_entropy.copy_(-(w * w.clamp(min=1e-12).log()).sum() / n)
+
+	def stats(self):
+		"""
+		Returns routing statistics as device tensors (no host sync): `usage` [E], `mean_weight` [E],
+		`entropy` [], `max_load` [] over the gate history (over the latest batch when history is off),
+		and `aux_loss` [] of the latest forward.
+		"""
+		if self.history is not None:
+			out = self.history.stats()
+		else:
+			out = {"usage": self._last_usage, "mean_weight": self._last_mean_weight,
+				   "entropy": self._last_entropy, "max_load": self._last_usage.max()}
+		out["aux_loss"] = self._last_aux
+		return out
+
+	def extra_repr(self):
+		rows = self.history.capacity if self.history is not None else None
+		return f"n_experts={self.n_experts}, top_k={self.top_k}, temperature={self.temperature}, " \
+			f"aux_coef={self.aux_coef}, zloss_coef={self.zloss_coef}, history_rows={rows}"

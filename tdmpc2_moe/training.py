@@ -1,0 +1,89 @@
+"""
+`tdmpc2-moe train --tdmpc2 PATH [key=value ...]`: upstream TD-MPC2's own `train.py` (its Hydra
+config plus this plugin's keys, its OnlineTrainer/OfflineTrainer) with the patch applied.
+
+Differences from running upstream `python train.py` (none needs an edit to the checkout):
+- the plugin's keys are part of the config, so `use_moe=true moe_experts=8` needs no `+`;
+- hydra-submitit-launcher is not needed: the config is composed in-process without its launcher;
+- `device=cpu` trains on a machine without CUDA (upstream's CUDA assert checks the chosen device);
+- an explicit `seed_steps=N` is kept; upstream's `make_env` otherwise resets it to
+  max(1000, 5 * episode_length), which makes short runs impossible.
+"""
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+
+from . import patching, upstream
+
+
+def _parser():
+	parser = argparse.ArgumentParser(
+		prog="tdmpc2-moe train",
+		description="Train TD-MPC2 with MoE heads through upstream's trainer. Any TD-MPC2 config key "
+					"or plugin key (use_moe, moe_experts, moe_top_k, moe_heads, moe_temperature, moe_aux_coef, "
+					"moe_zloss_coef, gate_history_rows, monitor_mem_interval, device, moe_init_experts, "
+					"moe_freeze_experts) can be given as key=value.")
+	parser.add_argument("--tdmpc2", metavar="PATH", default=None,
+						help=f"TD-MPC2 checkout (root or its tdmpc2/ directory); default ${upstream.ENV_VAR}")
+	parser.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. task=walker-walk")
+	return parser
+
+
+@contextlib.contextmanager
+def _keep_seed_steps(train_module, seed_steps):
+	"""While active, `train_module.make_env` sets cfg.seed_steps back to `seed_steps` after upstream's heuristic."""
+	if seed_steps is None:
+		yield
+		return
+	make_env = train_module.make_env
+
+	def make_env_keeping_seed_steps(cfg):
+		env = make_env(cfg)
+		cfg.seed_steps = seed_steps
+		return env
+
+	train_module.make_env = make_env_keeping_seed_steps
+	try:
+		yield
+	finally:
+		train_module.make_env = make_env
+
+
+def prepare(overrides, path=None):
+	"""
+	Returns (cfg, settings, seed_steps): the composed config, the plugin settings it holds and the
+	explicit seed_steps (None when not given). Raises ValueError for a bad setting, FileNotFoundError
+	for a missing checkout, and Hydra's errors for unknown keys.
+	"""
+	from omegaconf import OmegaConf
+	cfg = upstream.compose(overrides, path)
+	settings = patching.MoESettings.resolve(cfg)
+	seed_steps = None if OmegaConf.is_missing(cfg, "seed_steps") else cfg.seed_steps
+	if seed_steps is not None and (isinstance(seed_steps, bool) or not isinstance(seed_steps, int) or seed_steps < 0):
+		raise ValueError(f"seed_steps must be an int >= 0, got {seed_steps!r}")
+	return cfg, settings, seed_steps
+
+
+def run(cfg, settings, seed_steps=None):
+	"""Trains with upstream's `train.train(cfg)` with the patch applied (settings come from `cfg`); returns when done."""
+	# Upstream's train.py defaults MUJOCO_GL to egl at import; a user's choice is kept.
+	os.environ.setdefault("MUJOCO_GL", "egl")
+	patching.patch()
+	train_module = importlib.import_module("train")
+	with upstream.torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps):
+		train_module.train(cfg)
+
+
+def main(argv=None):
+	"""Entry point of `tdmpc2-moe train`; returns the exit code (2 for bad arguments or a missing checkout)."""
+	from hydra.errors import HydraException
+	args = _parser().parse_args(argv)
+	try:
+		cfg, settings, seed_steps = prepare(args.overrides, args.tdmpc2)
+	except (ValueError, FileNotFoundError, HydraException) as exc:
+		print(f"tdmpc2-moe train: {exc}", file=sys.stderr)
+		return 2
+	run(cfg, settings, seed_steps)
+	return 0

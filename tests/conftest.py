@@ -1,0 +1,76 @@
+"""
+Shared fixtures. Tests that need upstream TD-MPC2 take `tdmpc2_root` and are skipped, with a
+reason saying how to provide a checkout, when $TDMPC2_ROOT is not set.
+"""
+import os
+
+import pytest
+import torch
+
+from tdmpc2_moe import patching, upstream
+
+# Walker-walk as upstream's make_env reports it: 24 state dims, 6 action dims, 500-step episodes.
+WALKER = dict(obs_dim=24, action_dim=6, episode_length=500)
+# The smallest agent upstream offers, with planning cut down so that CPU tests stay short.
+SMALL = ["task=walker-walk", "model_size=1", "compile=false", "batch_size=32", "steps=100000",
+		 "num_samples=64", "num_elites=8", "num_pi_trajs=8", "iterations=2", "monitor_mem_interval=0"]
+
+
+@pytest.fixture(scope="session")
+def tdmpc2_root():
+	"""Returns the TD-MPC2 package directory named by $TDMPC2_ROOT, put on sys.path; skips when absent."""
+	if not os.environ.get(upstream.ENV_VAR):
+		pytest.skip(f"set {upstream.ENV_VAR} to a TD-MPC2 checkout at commit {upstream.PINNED_COMMIT}")
+	try:
+		return upstream.activate()
+	except FileNotFoundError as exc:
+		pytest.skip(str(exc))
+
+
+@pytest.fixture
+def unpatched():
+	"""Makes sure the test starts and ends with TD-MPC2 unpatched."""
+	patching.unpatch()
+	yield
+	patching.unpatch()
+
+
+@pytest.fixture
+def walker_cfg(tdmpc2_root, unpatched):
+	"""
+	Returns a factory `make(*overrides)` of parsed upstream configs shaped like walker-walk (without
+	building the environment), on the CPU, with TD-MPC2 patched for the test's duration.
+	"""
+	patching.patch(device="cpu")
+
+	def make(*overrides):
+		cfg = upstream.load_cfg([*SMALL, "device=cpu", *overrides])
+		cfg.obs_shape = {"state": (WALKER["obs_dim"],)}
+		cfg.action_dim = WALKER["action_dim"]
+		cfg.episode_length = WALKER["episode_length"]
+		cfg.seed_steps = WALKER["episode_length"]
+		return cfg
+	return make
+
+
+def fill_buffer(cfg, episodes=2, seed=0):
+	"""Returns an upstream `Buffer(cfg)` holding `episodes` random walker-shaped episodes."""
+	from tensordict import TensorDict
+	from common.buffer import Buffer
+	g = torch.Generator().manual_seed(seed)
+	buffer = Buffer(cfg)
+	n = cfg.episode_length + 1
+	for _ in range(episodes):
+		buffer.add(TensorDict(
+			obs=torch.randn(n, cfg.obs_shape["state"][0], generator=g),
+			action=torch.rand(n, cfg.action_dim, generator=g) * 2 - 1,
+			reward=torch.rand(n, generator=g),
+			terminated=torch.zeros(n),
+			batch_size=(n,)))
+	return buffer
+
+
+@pytest.fixture
+def make_buffer():
+	"""Returns `fill_buffer(cfg, episodes=2, seed=0)`, building upstream Buffers of random walker-shaped episodes."""
+	return fill_buffer

@@ -1,0 +1,167 @@
+"""
+Patched upstream TD-MPC2 on the CPU: updates through its Buffer, planning, memory, checkpoints,
+expert init, and a real `tdmpc2-moe train` run through its trainer. Needs $TDMPC2_ROOT.
+"""
+import csv
+import gc
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+
+from tdmpc2_moe import patching
+
+MOE_METRICS = ("moe_aux_loss", "moe_entropy", "moe_max_load")
+
+
+def _agent(cfg, seed=0):
+	from tdmpc2 import TDMPC2
+	torch.manual_seed(seed)
+	return TDMPC2(cfg)
+
+
+def test_updates_and_planning_on_walker_shaped_data(walker_cfg, make_buffer):
+	cfg = walker_cfg("use_moe=true")
+	agent = _agent(cfg)
+	assert agent.device == torch.device("cpu") and agent.scale.value.device == torch.device("cpu")
+	buffer = make_buffer(cfg)
+	for _ in range(200):
+		info = agent.update(buffer)
+	for key in ("total_loss", "consistency_loss", "reward_loss", "value_loss", "pi_loss", *MOE_METRICS):
+		assert isinstance(info[key], torch.Tensor) and torch.isfinite(info[key]), key
+	assert 0 < info["moe_aux_loss"] and 0 < info["moe_max_load"] <= 1
+	assert 0 <= info["moe_entropy"] <= torch.log(torch.tensor(2.0)) + 1e-6  # top-2 routing
+	stats = agent.gate_stats()
+	assert set(stats) == {"dynamics", "reward", "pi"} and int(stats["pi"]["rows"]) > 0
+	obs = torch.randn(24)
+	for t in range(3):
+		action = agent.act(obs, t0=t == 0)
+		assert action.shape == (6,) and torch.isfinite(action).all() and action.abs().max() <= 1
+	agent.clear_gate_history()
+	assert all(int(s["rows"]) == 0 for s in agent.gate_stats().values())
+
+
+def test_plain_agent_info_has_no_moe_metrics(walker_cfg, make_buffer):
+	cfg = walker_cfg()
+	agent = _agent(cfg)
+	info = agent.update(make_buffer(cfg))
+	assert not set(MOE_METRICS) & set(info) and torch.isfinite(info["total_loss"])
+	assert agent.gate_stats() == {}
+
+
+def test_resident_memory_flat_over_2000_updates(walker_cfg, make_buffer):
+	# batch_size=16 (upstream's default is 256) keeps 2,200 CPU updates within the test budget.
+	cfg = walker_cfg("use_moe=true", "batch_size=16", "monitor_mem_interval=500")
+	agent = _agent(cfg)
+	buffer = make_buffer(cfg)
+	process = psutil.Process()
+	for _ in range(200):
+		agent.update(buffer)
+	gc.collect()
+	before = process.memory_info().rss
+	for _ in range(2000):
+		agent.update(buffer)
+	gc.collect()
+	growth_mb = (process.memory_info().rss - before) / 2 ** 20
+	assert growth_mb < 5, f"resident memory grew {growth_mb:.1f} MB over 2,000 updates"
+	assert agent.memory_monitor.steps == 2200
+
+
+def test_checkpoint_round_trip_gives_the_same_actions(walker_cfg, make_buffer, tmp_path):
+	cfg = walker_cfg("use_moe=true", "moe_experts=2")
+	agent = _agent(cfg)
+	buffer = make_buffer(cfg)
+	for _ in range(5):
+		agent.update(buffer)
+	path = tmp_path / "moe.pt"
+	agent.save(path)
+	saved = torch.load(path, weights_only=True)
+	assert saved["moe"]["use_moe"] is True and saved["moe"]["moe_experts"] == 2
+	restored = _agent(walker_cfg("use_moe=true", "moe_experts=2"), seed=1)
+	restored.load(path)
+	obs = torch.randn(24)
+	actions = []
+	for a in (agent, restored):
+		torch.manual_seed(3)
+		actions.append(a.act(obs, t0=True, eval_mode=True))
+	torch.testing.assert_close(actions[0], actions[1], rtol=0, atol=0)
+
+
+def test_checkpoint_mismatch_names_both_settings(walker_cfg, tmp_path):
+	moe, plain = tmp_path / "moe.pt", tmp_path / "plain.pt"
+	_agent(walker_cfg("use_moe=true", "moe_experts=2")).save(moe)
+	_agent(walker_cfg()).save(plain)
+	with pytest.raises(ValueError, match=r"moe_experts=2.*moe_experts=3"):
+		_agent(walker_cfg("use_moe=true", "moe_experts=3")).load(moe)
+	with pytest.raises(ValueError, match=r"moe_experts=2.*plain TD-MPC2"):
+		_agent(walker_cfg()).load(moe)
+	with pytest.raises(ValueError, match=r"plain TD-MPC2.*moe_experts=2"):
+		_agent(walker_cfg("use_moe=true", "moe_experts=2")).load(plain)
+
+
+def _expert_params(block, i):
+	return [p[i].clone() for layer in block.layers for p in layer.parameters()]
+
+
+def test_moe_init_experts_copies_plain_heads_and_freeze_trains_gates_only(walker_cfg, make_buffer, tmp_path):
+	paths = [tmp_path / f"plain{i}.pt" for i in range(2)]
+	for i, path in enumerate(paths):
+		_agent(walker_cfg(), seed=10 + i).save(path)
+	plain = [torch.load(p, weights_only=True)["model"] for p in paths]
+	cfg = walker_cfg("use_moe=true", "moe_experts=2", "moe_heads=[encoder,dynamics,pi]",
+					 f"moe_init_experts=[{paths[0]},{paths[1]}]", "moe_freeze_experts=true")
+	agent = _agent(cfg)
+	blocks = patching.moe_blocks(agent.model)
+	for name, prefix in (("encoder", "_encoder.state"), ("dynamics", "_dynamics"), ("pi", "_pi")):
+		for i in range(2):
+			for j, layer in enumerate(blocks[name].layers):
+				torch.testing.assert_close(layer.weight[i], plain[i][f"{prefix}.{j}.weight"], rtol=0, atol=0)
+				torch.testing.assert_close(layer.bias[i], plain[i][f"{prefix}.{j}.bias"], rtol=0, atol=0)
+				if layer.norm:
+					torch.testing.assert_close(layer.ln_weight[i], plain[i][f"{prefix}.{j}.ln.weight"], rtol=0, atol=0)
+	assert not torch.equal(blocks["dynamics"].layers[0].weight[0], blocks["dynamics"].layers[0].weight[1])
+	experts = {n: _expert_params(b, 0) + _expert_params(b, 1) for n, b in blocks.items()}
+	gates = {n: b.gate.weight.detach().clone() for n, b in blocks.items()}
+	assert all(not p.requires_grad for b in blocks.values() for p in b.layers.parameters())
+	buffer = make_buffer(cfg)
+	for _ in range(3):
+		agent.update(buffer)
+	for name, block in blocks.items():
+		assert all(torch.equal(a, b) for a, b in zip(experts[name], _expert_params(block, 0) + _expert_params(block, 1)))
+		assert not torch.equal(gates[name], block.gate.weight), f"{name} gate did not train"
+
+
+def test_moe_init_experts_rejects_a_moe_checkpoint(walker_cfg, tmp_path):
+	path = tmp_path / "moe.pt"
+	_agent(walker_cfg("use_moe=true", "moe_experts=2")).save(path)
+	with pytest.raises(ValueError, match="moe_init_experts"):
+		_agent(walker_cfg("use_moe=true", "moe_experts=2", f"moe_init_experts=[{path},{path}]"))
+
+
+def test_train_command_runs_upstream_trainer_on_cpu(tdmpc2_root, tmp_path):
+	# seed_steps=500 is one walker episode (the buffer needs one before the first update); mpc=false
+	# keeps the evaluation episode cheap. The pretraining phase runs 500 MoE updates.
+	args = ["--tdmpc2", str(tdmpc2_root), "task=walker-walk", "steps=510", "seed_steps=500", "eval_freq=100000",
+			"eval_episodes=1", "enable_wandb=false", "compile=false", "save_video=false", "device=cpu",
+			"model_size=1", "batch_size=16", "mpc=false", "use_moe=true", "moe_experts=2",
+			"monitor_mem_interval=250"]
+	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+	out = subprocess.run([sys.executable, "-m", "tdmpc2_moe.cli", "train", *args], cwd=tmp_path,
+						 capture_output=True, text=True, env=env, timeout=420)
+	assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+	assert "Training completed successfully" in out.stdout
+	assert "Dynamics: MoEBlock" in out.stdout and "Memory Usage:" in out.stdout
+	with open(tmp_path / "logs" / "walker-walk" / "1" / "default" / "eval.csv") as f:
+		rows = list(csv.DictReader(f))
+	assert rows and float(rows[0]["step"]) == 0
+
+
+def test_train_command_rejects_bad_settings(tdmpc2_root, capsys):
+	from tdmpc2_moe import training
+	assert training.main(["--tdmpc2", str(tdmpc2_root), "use_moe=true", "moe_heads=[Qs]"]) == 2
+	assert "moe_heads" in capsys.readouterr().err
+	assert training.main(["--tdmpc2", str(tdmpc2_root), "no_such_key=1"]) == 2
+	assert not patching.is_patched()

@@ -1,0 +1,140 @@
+"""patch()/unpatch() and the plugin settings: what changes in TD-MPC2, and that it all comes back."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tdmpc2_moe import patching
+from tdmpc2_moe.moe import MoEBlock
+from tdmpc2_moe.patching import MoESettings
+
+
+def test_defaults_are_the_documented_ones():
+	s = MoESettings.resolve()
+	assert (s.use_moe, s.moe_experts, s.moe_top_k, s.moe_heads) == (False, 4, 2, ("dynamics", "reward", "pi"))
+	assert (s.moe_temperature, s.moe_aux_coef, s.moe_zloss_coef) == (1.0, 0.01, 0.0)
+	assert (s.gate_history_rows, s.monitor_mem_interval, s.device) == (65536, 1000, None)
+	assert (s.moe_init_experts, s.moe_freeze_experts) == ((), False)
+
+
+def test_cfg_wins_over_keywords_and_none_in_cfg_does_not():
+	cfg = {"use_moe": True, "moe_experts": 8, "device": None}
+	s = MoESettings.resolve(cfg, moe_experts=2, device="cpu", moe_top_k=1)
+	assert (s.use_moe, s.moe_experts, s.moe_top_k) == (True, 8, 1)
+	assert s.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("key, value", [
+	("use_moe", "yes"), ("moe_experts", 0), ("moe_experts", 2.0), ("moe_experts", 2000), ("moe_top_k", 5),
+	("moe_heads", ["dynamics", "Qs"]), ("moe_heads", [1]), ("moe_temperature", 0.0),
+	("moe_temperature", float("nan")), ("moe_aux_coef", -1.0), ("moe_zloss_coef", float("inf")),
+	("gate_history_rows", -1), ("monitor_mem_interval", True), ("device", "gpu0"),
+	("moe_init_experts", ["a.pt"]), ("moe_freeze_experts", 1),
+])
+def test_bad_values_raise_naming_the_key(key, value):
+	with pytest.raises(ValueError, match=key):
+		MoESettings.resolve(**{key: value})
+	with pytest.raises(ValueError, match=key):
+		MoESettings.resolve({key: value})
+
+
+def test_unknown_setting_and_bad_patch_keyword_raise(unpatched):
+	with pytest.raises(ValueError, match="moe_expert"):
+		MoESettings.resolve(moe_expert=4)
+	with pytest.raises(ValueError, match="moe_top_k"):
+		patching.patch(moe_top_k=0)
+	assert not patching.is_patched()
+
+
+def test_heads_accept_a_comma_separated_string():
+	assert MoESettings.resolve(moe_heads="encoder, termination").moe_heads == ("encoder", "termination")
+
+
+def _patchable(tdmpc2_root):
+	import common.layers as layers
+	from common.buffer import Buffer
+	from common.scale import RunningScale
+	from common.world_model import WorldModel
+	from tdmpc2 import TDMPC2
+	return {
+		(layers, "mlp"): layers.mlp, (WorldModel, "__init__"): WorldModel.__init__,
+		(RunningScale, "__init__"): RunningScale.__init__, (Buffer, "__init__"): Buffer.__init__,
+		(Buffer, "_init"): Buffer._init, (TDMPC2, "__init__"): TDMPC2.__init__, (TDMPC2, "_update"): TDMPC2._update,
+		(TDMPC2, "update"): TDMPC2.update, (TDMPC2, "save"): TDMPC2.save, (TDMPC2, "load"): TDMPC2.load,
+	}
+
+
+def test_patch_is_idempotent_and_unpatch_restores_every_original(tdmpc2_root, unpatched):
+	originals = _patchable(tdmpc2_root)
+	patching.patch(use_moe=True)
+	patched = {key: getattr(*key) for key in originals}
+	assert all(patched[key] is not originals[key] for key in originals)
+	import common.layers as layers
+	from tdmpc2 import TDMPC2
+	assert layers.MoEBlock is MoEBlock and callable(TDMPC2.gate_stats)
+	patching.patch(moe_experts=8)
+	assert all(getattr(*key) is patched[key] for key in originals), "a second patch() must not wrap twice"
+	assert patching.is_patched()
+	patching.unpatch()
+	assert all(getattr(*key) is originals[key] for key in originals)
+	assert not hasattr(layers, "MoEBlock") and not hasattr(TDMPC2, "gate_stats")
+	assert not patching.is_patched()
+	patching.unpatch()
+
+
+def test_moe_heads_are_moe_blocks_and_the_rest_is_upstream(walker_cfg):
+	import common.layers as layers
+	from common.world_model import WorldModel
+	model = WorldModel(walker_cfg("use_moe=true", "moe_heads=[encoder,dynamics,pi]", "moe_experts=3"))
+	assert isinstance(model._encoder["state"], MoEBlock) and isinstance(model._dynamics, MoEBlock)
+	assert isinstance(model._pi, MoEBlock) and model._pi.n_experts == 3
+	assert isinstance(model._reward, nn.Sequential)
+	assert isinstance(model._reward[0], layers.NormedLinear) and isinstance(model._reward[-1], nn.Linear)
+	assert not any(isinstance(m, MoEBlock) for m in model._Qs.modules())
+	# Upstream's zero-init of the reward head keeps its meaning for every expert.
+	reward_moe = WorldModel(walker_cfg("use_moe=true", "moe_heads=[reward]"))
+	assert torch.count_nonzero(reward_moe._reward[-1].weight) == 0
+
+
+def test_use_moe_false_builds_upstream_model(walker_cfg):
+	from common.world_model import WorldModel
+	model = WorldModel(walker_cfg())
+	assert not any(isinstance(m, MoEBlock) for m in model.modules())
+	assert patching.moe_blocks(model) == {}
+
+
+def test_unpatch_restores_plain_world_model(walker_cfg):
+	from common.world_model import WorldModel
+	cfg = walker_cfg("use_moe=true")
+	assert patching.moe_blocks(WorldModel(cfg))
+	patching.unpatch()
+	model = WorldModel(cfg)
+	assert not any(isinstance(m, MoEBlock) for m in model.modules())
+
+
+def test_compiled_update_is_the_patched_function(walker_cfg):
+	from tdmpc2 import TDMPC2
+	agent = TDMPC2(walker_cfg("use_moe=true", "compile=true"))
+	compiled = agent._update
+	assert compiled._torchdynamo_orig_callable.__func__ is TDMPC2.__dict__["_update"]
+	assert TDMPC2.__dict__["_update"] is not patching.original(TDMPC2, "_update")
+
+
+def test_patch_before_upstream_import_patches_on_import(tdmpc2_root):
+	code = (
+		"import tdmpc2_moe.patching as p, tdmpc2_moe.upstream as u, sys\n"
+		"u.activate()\n"
+		"p.patch(use_moe=True)\n"
+		"assert 'common.layers' not in sys.modules\n"
+		"from tdmpc2 import TDMPC2\n"
+		"import common.layers as layers\n"
+		"assert layers.MoEBlock is p.MoEBlock and hasattr(TDMPC2, 'gate_stats')\n"
+		"p.unpatch()\n"
+		"assert not hasattr(layers, 'MoEBlock') and not hasattr(TDMPC2, 'gate_stats')\n"
+		"print('ok')\n")
+	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+	out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+	assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
