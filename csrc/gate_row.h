@@ -13,8 +13,9 @@
 #define GATE_UNROLL _Pragma("unroll")
 #else
 #define GATE_HD inline __attribute__((always_inline))
-// gcc -O3 unrolls the short constant-bound loops by itself.
-#define GATE_UNROLL
+// On the host a fully unrolled 8-iteration loop is no longer a loop, and gcc stops vectorising it:
+// keep the loops rolled there and let the vectoriser widen them.
+#define GATE_UNROLL _Pragma("GCC unroll 1")
 #endif
 
 namespace tdmpc2_moe {
@@ -41,8 +42,9 @@ GATE_HD bool gate_before(float a, int ia, float b, int ib) {
 template <int EB>
 GATE_HD void gate_add_at(float* a, int e, int i, float v) {
 	if (EB > 0) {
+		const int n = gate_bound<EB>(e);
 GATE_UNROLL
-		for (int j = 0; j < gate_bound<EB>(e); ++j)
+		for (int j = 0; j < n; ++j)
 			if (j == i) a[j] += v;
 	} else if (i >= 0 && i < e) {
 		a[i] += v;
@@ -98,20 +100,27 @@ GATE_UNROLL
 	return m + logf(s);
 }
 
-// The next expert after (prev_v, prev_i) in routing order. Starts from a sentinel that every real
-// entry beats (key -inf, index e), so while an entry remains (pass < e) the result is in [0, e).
-// Returns the index and stores its probability in *best_v.
+// The next expert after (prev_k, prev_i) in routing order (prev_k: the previous pick's gate_key).
+// Branch-free, so random rows cost no mispredictions. The first remaining entry is always taken,
+// so while an entry remains (pass < e) the result is in [0, e), whatever the values (NaN included).
+// Returns the index; stores its probability in *v and its key in *key.
 template <int EB>
-GATE_HD int gate_select_next(const float* p, int e, float prev_v, int prev_i, float* best_v_out) {
-	float best_v = -INFINITY;
+GATE_HD int gate_select_next(const float* p, int e, float prev_k, int prev_i, float* v, float* key) {
+	float best_k = -INFINITY, best_v = 0.f;
 	int best_i = e;
+	const int n = gate_bound<EB>(e);
 GATE_UNROLL
-	for (int j = 0; j < gate_bound<EB>(e); ++j)
-		if (j < e && gate_before(prev_v, prev_i, p[j], j) && gate_before(p[j], j, best_v, best_i)) {
-			best_v = p[j];
-			best_i = j;
-		}
-	*best_v_out = best_v;
+	for (int j = 0; j < n; ++j) {
+		const float kj = gate_key(p[j]);
+		const bool after_prev = (kj < prev_k) | ((kj == prev_k) & (j > prev_i));
+		// Scanning upwards, a strict > keeps the lower index on ties.
+		const bool take = (j < e) & after_prev & ((kj > best_k) | (best_i == e));
+		best_k = take ? kj : best_k;
+		best_v = take ? p[j] : best_v;
+		best_i = take ? j : best_i;
+	}
+	*v = best_v;
+	*key = best_k;
 	return best_i;
 }
 
@@ -119,13 +128,90 @@ GATE_UNROLL
 // probabilities in routing order to w[0..k) and their experts to idx[0..k). Returns their sum.
 template <int EB, typename W, typename I>
 GATE_HD float gate_topk(const float* p, int e, int k, W* w, I* idx) {
-	float prev_v = INFINITY, sum = 0.f;
+	float prev_k = INFINITY, sum = 0.f;
 	int prev_i = -1;
 	for (int j = 0; j < k; ++j) {
-		prev_i = gate_select_next<EB>(p, e, prev_v, prev_i, &prev_v);
+		float prev_v;
+		prev_i = gate_select_next<EB>(p, e, prev_k, prev_i, &prev_v, &prev_k);
 		w[j] = prev_v;
 		idx[j] = prev_i;
 		sum += prev_v;
+	}
+	return sum;
+}
+
+// Top-k of probabilities p in one pass with a sorted insertion list held in w/idx (O(E) compares
+// plus rare insertions on typical rows; the fast choice for small k and a run-time E on the host).
+// Scanning upwards, an entry enters only past a strictly smaller key, so ties keep the lower index.
+// The first k entries always enter, so every slot holds a valid expert. Writes as gate_topk does.
+template <typename W, typename I>
+GATE_HD float gate_topk_insert(const float* p, int e, int k, W* w, I* idx) {
+	constexpr int kChunk = 16;
+	int filled = 0;
+	float kth = -INFINITY;  // key of the last kept entry once the list is full
+	for (int j = 0; j < e; ++j) {
+		if (filled == k && j % kChunk == 0 && j + kChunk <= e) {
+			// Skip a whole chunk that cannot enter (the common case once the list holds large entries);
+			// the chunk maximum is a vectorisable reduction, the per-entry test below is a branch.
+			float chunk_max = -INFINITY;
+GATE_UNROLL
+			for (int i = j; i < j + kChunk; ++i) chunk_max = gate_key(p[i]) > chunk_max ? gate_key(p[i]) : chunk_max;
+			if (!(chunk_max > kth)) {
+				j += kChunk - 1;
+				continue;
+			}
+		}
+		const float kj = gate_key(p[j]);
+		if (filled == k && !(kj > kth)) continue;
+		int slot = filled < k ? filled++ : k - 1;
+		while (slot > 0 && kj > gate_key(static_cast<float>(w[slot - 1]))) {
+			w[slot] = w[slot - 1];
+			idx[slot] = idx[slot - 1];
+			--slot;
+		}
+		w[slot] = p[j];
+		idx[slot] = j;
+		kth = gate_key(static_cast<float>(w[k - 1]));
+	}
+	float sum = 0.f;
+	for (int j = 0; j < k; ++j) sum += w[j];
+	return sum;
+}
+
+// Rank of entry j in routing order among key[0..n): how many entries come before it (keys are
+// gate_key values, so the order is strict and the ranks of 0..n-1 are a permutation of [0, n)).
+GATE_HD int gate_rank(const float* key, int n, int j) {
+	const float kj = key[j];
+	int rank = 0;
+GATE_UNROLL
+	for (int i = 0; i < n; ++i) rank += (key[i] > kj) | ((key[i] == kj) & (i < j));
+	return rank;
+}
+
+// Top-k of probabilities p by ranking (O(EB^2) compares, branch-free and vectorisable; the fast
+// choice for a compile-time bound EB > 0). rank[j] counts the entries before j in routing order, a
+// permutation of [0, EB) because the order is strict; the top-k are the entries of rank < k.
+// Entries e..EB-1 (padding) rank last. Writes as gate_topk does and returns the sum of the top-k.
+template <int EB, typename W, typename I>
+GATE_HD float gate_topk_ranked(const float* p, int e, int k, W* w, I* idx) {
+	static_assert(EB > 0, "ranking needs a compile-time bound");
+	float key[EB], top_v[EB];
+	int top_i[EB];
+GATE_UNROLL
+	for (int j = 0; j < EB; ++j) {
+		key[j] = j < e ? gate_key(p[j]) : -INFINITY;
+		top_i[j] = j;  // every slot holds a valid expert even before the scatter
+	}
+	for (int j = 0; j < EB; ++j) {
+		const int rank = gate_rank(key, EB, j);
+		top_v[rank] = p[j];
+		top_i[rank] = j;
+	}
+	float sum = 0.f;
+	for (int j = 0; j < k; ++j) {
+		w[j] = top_v[j];
+		idx[j] = top_i[j];
+		sum += top_v[j];
 	}
 	return sum;
 }
@@ -160,8 +246,9 @@ template <int EB>
 GATE_HD float gate_value_at(const float* a, int e, int i) {
 	if (EB > 0) {
 		float v = 0.f;
+		const int n = gate_bound<EB>(e);
 GATE_UNROLL
-		for (int j = 0; j < gate_bound<EB>(e); ++j)
+		for (int j = 0; j < n; ++j)
 			if (j == i) v = a[j];
 		return v;
 	}
@@ -178,9 +265,10 @@ template <int EB, typename W, typename I>
 GATE_HD void gate_row_backward(float* p, float* out, int e, int k, const W* gw, const I* idx,
 		const float* gpm, float inv_rows, float glse, bool renormalize, float inv_t) {
 	gate_softmax<EB>(p, e);
+	const int n = gate_bound<EB>(e);
 	float gpm_dot_p = 0.f;
 GATE_UNROLL
-	for (int j = 0; j < gate_bound<EB>(e); ++j)
+	for (int j = 0; j < n; ++j)
 		if (j < e) gpm_dot_p += p[j] * gpm[j];
 	float s = 0.f, gw_dot_top = 0.f;
 	for (int j = 0; j < k; ++j) {
@@ -191,7 +279,7 @@ GATE_UNROLL
 	// <g_top, top> vanishes with renormalisation: sum_j (gw_j - <gw, w>) top_j / s = <gw, w> - <gw, w>.
 	const float shift = glse - gpm_dot_p * inv_rows - (renormalize ? 0.f : gw_dot_top);
 GATE_UNROLL
-	for (int j = 0; j < gate_bound<EB>(e); ++j)
+	for (int j = 0; j < n; ++j)
 		if (j < e) out[j] = p[j] * (gpm[j] * inv_rows + shift) * inv_t;
 	const float inv_s = 1.f / s, w_dot = gw_dot_top * inv_s;
 	for (int j = 0; j < k; ++j) {

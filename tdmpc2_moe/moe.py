@@ -65,6 +65,15 @@ class ExpertLinear(nn.Module):
 		y = F.layer_norm(y, (self.out_features,))
 		return self.act(torch.addcmul(self.ln_bias.unsqueeze(1), y, self.ln_weight.unsqueeze(1)))
 
+	def forward_expert(self, x, e):
+		"""Returns expert `e`'s output [N, out] for its input `x` [N, in] (a plain GEMM and a fused LayerNorm)."""
+		y = F.linear(x, self.weight[e], self.bias[e])
+		if not self.norm:
+			return y
+		if self.dropout is not None:
+			y = self.dropout(y)
+		return self.act(F.layer_norm(y, (self.out_features,), self.ln_weight[e], self.ln_bias[e]))
+
 	def extra_repr(self):
 		act = f", act={self.act.__class__.__name__}" if self.norm else ""
 		return f"n_experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}, " \
@@ -93,6 +102,9 @@ class MoEBlock(nn.Module):
 	The load-balancing (+ z) loss rides on the output's autograd graph: whatever loss is
 	backpropagated through the output also trains the gate towards balance; nothing accumulates.
 	`history_rows=None` turns gate recording off.
+	`batched` picks how the experts run: one batched matmul per layer (True), or per expert on views
+	of the same stacked weights (False; on CPU, BLAS GEMMs with a fused LayerNorm measured faster than
+	bmm with a separate per-expert affine). None (default): batched except on CPU.
 	"""
 
 	def __init__(self, in_dim, mlp_dims, out_dim, act=None, dropout=0., *, n_experts=4, top_k=2,
@@ -127,6 +139,7 @@ class MoEBlock(nn.Module):
 		nn.init.trunc_normal_(self.gate.weight, std=0.02)
 		nn.init.zeros_(self.gate.bias)
 		self.history = GateHistory(history_rows, n_experts) if history_rows is not None else None
+		self.batched = None
 		# Last forward's aux loss and routing summary, overwritten in place (fixed storage, no host sync).
 		self.register_buffer("_last_aux", torch.zeros(()), persistent=False)
 		self.register_buffer("_last_usage", torch.zeros(n_experts), persistent=False)
@@ -145,8 +158,18 @@ class MoEBlock(nn.Module):
 		"""Returns the aux loss of the latest forward (detached scalar tensor on the block's device)."""
 		return self._last_aux
 
+	def _is_batched(self, x):
+		return self.batched if self.batched is not None else x.device.type != "cpu"
+
+	def _expert(self, x, e):
+		for layer in self.layers:
+			x = layer.forward_expert(x, e)
+		return x
+
 	def experts(self, x):
 		"""Returns every expert's output for `x` [N, in_dim], stacked [E, N, out_dim]."""
+		if not self._is_batched(x):
+			return torch.stack([self._expert(x, e) for e in range(self.n_experts)])
 		for layer in self.layers:
 			x = layer(x)
 		return x
@@ -165,10 +188,15 @@ class MoEBlock(nn.Module):
 		lead = x.shape[:-1]
 		x = x.reshape(-1, self.in_dim)
 		gate = topk_gate(self.gate(x), self.top_k, temperature=self.temperature, history=self.history)
-		y = self.experts(x)
-		routing = torch.zeros(x.shape[0], self.n_experts, dtype=y.dtype, device=y.device)
-		routing = routing.scatter(1, gate.indices, gate.weights.to(y.dtype))
-		out = (routing.t().unsqueeze(-1) * y).sum(0)
+		dtype = self.layers[-1].weight.dtype
+		routing = torch.zeros(x.shape[0], self.n_experts, dtype=dtype, device=x.device)
+		routing = routing.scatter(1, gate.indices, gate.weights.to(dtype))
+		if self._is_batched(x):
+			out = (routing.t().unsqueeze(-1) * self.experts(x)).sum(0)
+		else:
+			out = routing[:, :1] * self._expert(x, 0)
+			for e in range(1, self.n_experts):
+				out = torch.addcmul(out, routing[:, e:e + 1], self._expert(x, e))
 		aux = self.aux_loss(gate)
 		with torch.no_grad():
 			self._last_aux.copy_(aux)
@@ -180,7 +208,7 @@ class MoEBlock(nn.Module):
 
 	def _record_last(self, gate):
 		n = max(gate.weights.shape[0], 1)
-		w = gate.weights.float()
+		w = gate.weights.to(self._last_mean_weight.dtype)
 		self._last_usage.copy_(gate.expert_frac)
 		self._last_mean_weight.zero_().index_add_(0, gate.indices.reshape(-1), w.reshape(-1)).div_(n)
 		self._last_entropy.copy_(-(w * w.clamp(min=1e-12).log()).sum() / n)

@@ -77,7 +77,12 @@ def _as_names(key, value):
 
 @dataclasses.dataclass(frozen=True)
 class MoESettings:
-	"""The plugin's settings, validated. Build with `MoESettings.resolve(cfg, **keywords)`."""
+	"""
+	The plugin's settings, validated; build with `MoESettings.resolve(cfg, **keywords)`.
+	Heads in `moe_heads` that the model does not build with `layers.mlp` (termination when not
+	episodic, the encoder of pixel observations) stay upstream's. `gate_history_rows=0` keeps no gate
+	history and `monitor_mem_interval=0` no memory monitor. `device=None` leaves upstream's cuda:0.
+	"""
 	use_moe: bool = False
 	moe_experts: int = 4
 	moe_top_k: int = 2
@@ -520,7 +525,7 @@ def is_patched():
 	return _state["patched"]
 
 
-def original(owner, name):
+def original_of(owner, name):
 	"""Returns the upstream object that patch() replaced at `owner.name` (the current one when not patched)."""
 	for o, n, value in _state["undo"]:
 		if o is owner and n == name and value is not _MISSING:

@@ -13,13 +13,18 @@ class Gate(NamedTuple):
 	lse: torch.Tensor
 
 
+def _compute(logits):
+	"""Returns logits in the compute dtype: float32, or float64 for float64 input (so gradcheck can run)."""
+	return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def topk_gate_reference(logits, k, temperature=1.0, renormalize=True):
 	"""
 	Top-k softmax gating in plain PyTorch.
-	Returns a `Gate`; ties between equal probabilities go to the lower expert index
-	(a stable descending sort keeps the original order of equal values).
+	Returns a `Gate` (float32 outputs; float64 for float64 logits); ties between equal probabilities go
+	to the lower expert index (a stable descending sort keeps the original order of equal values).
 	"""
-	x = logits.float() / temperature
+	x = _compute(logits) / temperature
 	n, e = x.shape
 	probs = torch.softmax(x, dim=-1)
 	top, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
@@ -66,7 +71,7 @@ def topk_gate_backward_reference(grad_weights, grad_prob_mean, grad_lse, logits,
 	Gradient of (weights, expert_prob_mean, lse) of `topk_gate_reference` with respect to `logits`,
 	written out by hand (recomputing the softmax), as the compiled backward does it.
 	"""
-	x = logits.float() / temperature
+	x = _compute(logits) / temperature
 	n = x.shape[0]
 	probs = torch.softmax(x, dim=-1)
 	top = probs.gather(1, indices)

@@ -53,8 +53,11 @@ def test_plain_agent_info_has_no_moe_metrics(walker_cfg, make_buffer):
 
 
 def test_resident_memory_flat_over_2000_updates(walker_cfg, make_buffer):
-	# batch_size=16 (upstream's default is 256) keeps 2,200 CPU updates within the test budget.
-	cfg = walker_cfg("use_moe=true", "batch_size=16", "monitor_mem_interval=500")
+	# A narrow model (widths 64/32 instead of model_size=1's 384/128) and batch_size=16 keep 2,200 CPU
+	# updates within the test budget. Leaks scale with forwards, not widths: the fork's gate list
+	# alone would keep every forward's [rows, 4] gate tensor, several MB over these updates.
+	cfg = walker_cfg("use_moe=true", "batch_size=16", "monitor_mem_interval=500", "model_size=null",
+					 "mlp_dim=64", "latent_dim=32", "enc_dim=64", "num_q=2")
 	agent = _agent(cfg)
 	buffer = make_buffer(cfg)
 	process = psutil.Process()
@@ -148,7 +151,7 @@ def test_train_command_runs_upstream_trainer_on_cpu(tdmpc2_root, tmp_path):
 			"eval_episodes=1", "enable_wandb=false", "compile=false", "save_video=false", "device=cpu",
 			"model_size=1", "batch_size=16", "mpc=false", "use_moe=true", "moe_experts=2",
 			"monitor_mem_interval=250"]
-	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
 	out = subprocess.run([sys.executable, "-m", "tdmpc2_moe.cli", "train", *args], cwd=tmp_path,
 						 capture_output=True, text=True, env=env, timeout=420)
 	assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

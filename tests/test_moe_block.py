@@ -41,11 +41,13 @@ def plain_moe(block, x):
 	return out, aux
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_expert"])
 @pytest.mark.parametrize("n_experts,top_k,act", [(4, 2, None), (8, 1, None), (4, 4, SimNormLike()), (3, 2, SimNormLike())])
-def test_values_and_gradients_match_plain_moe_in_float64(n_experts, top_k, act):
+def test_values_and_gradients_match_plain_moe_in_float64(n_experts, top_k, act, batched):
 	torch.manual_seed(0)
 	block = MoEBlock(12, [32, 24], 16, act=act, n_experts=n_experts, top_k=top_k, temperature=0.7,
-					 aux_coef=0.5, zloss_coef=0.1, history_rows=64).double()
+					 aux_coef=0.5, zloss_coef=0.1, history_rows=None).double()
+	block.batched = batched
 	# Spread the gate so the top-k choice is not decided by float32 rounding.
 	nn.init.normal_(block.gate.weight, std=1.0)
 	x = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
@@ -60,10 +62,21 @@ def test_values_and_gradients_match_plain_moe_in_float64(n_experts, top_k, act):
 	(((ref - target) ** 2).sum() + aux).backward()
 	ref_grads = [p.grad for p in block.parameters()] + [x.grad]
 	assert out.dtype == torch.float64
-	torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-9)
-	torch.testing.assert_close(aux_block, aux.detach().to(aux_block.dtype), rtol=1e-6, atol=1e-9)
+	# The experts run in float64; the gate computes in float32 (compiled op vs reference: ulp-level differences).
+	torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
+	torch.testing.assert_close(aux_block, aux.detach().to(aux_block.dtype), rtol=1e-5, atol=1e-7)
 	for name, g, r in zip([n for n, _ in block.named_parameters()] + ["x"], grads, ref_grads):
-		torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-8, msg=lambda m: f"{name}: {m}")
+		torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_batched_and_per_expert_paths_agree():
+	torch.manual_seed(0)
+	block = MoEBlock(6, [16, 16], 5, n_experts=4, top_k=2)
+	x = torch.randn(30, 6)
+	per_expert = block(x)
+	block.batched = True
+	torch.testing.assert_close(block(x), per_expert)
+	torch.testing.assert_close(block.experts(x), torch.stack([block._expert(x, e) for e in range(4)]))
 
 
 def test_any_leading_shape():
@@ -195,9 +208,11 @@ def test_history_records_every_routed_row():
 	torch.testing.assert_close(snap.sum(-1), torch.ones(30))
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_expert"])
+def test_torch_compile_fullgraph_matches_eager(batched):
 	torch.manual_seed(0)
 	block = MoEBlock(8, [16, 16], 4, n_experts=4, top_k=2, zloss_coef=0.01)
+	block.batched = batched
 	x = torch.randn(2, 16, 8)
 	eager = block(x)
 	eager.square().sum().backward()

@@ -120,7 +120,7 @@ def test_compiled_update_is_the_patched_function(walker_cfg):
 	agent = TDMPC2(walker_cfg("use_moe=true", "compile=true"))
 	compiled = agent._update
 	assert compiled._torchdynamo_orig_callable.__func__ is TDMPC2.__dict__["_update"]
-	assert TDMPC2.__dict__["_update"] is not patching.original(TDMPC2, "_update")
+	assert TDMPC2.__dict__["_update"] is not patching.original_of(TDMPC2, "_update")
 
 
 def test_patch_before_upstream_import_patches_on_import(tdmpc2_root):

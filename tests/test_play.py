@@ -110,6 +110,7 @@ def test_unknown_task_is_one_line_error(tdmpc2_root, tmp_path, capsys, unpatched
 
 
 def test_play_walker_end_to_end(walker_cfg, make_buffer, tdmpc2_root, tmp_path, capsys):
+	# walker_cfg also runs torch on one thread for the test: small CPU planning is much faster so.
 	ckpt = tmp_path / "walker-moe.pt"
 	_train_and_save(walker_cfg, make_buffer, ckpt)
 	capsys.readouterr()

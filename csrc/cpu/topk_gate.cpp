@@ -16,8 +16,8 @@
 namespace tdmpc2_moe {
 namespace {
 
-// Largest k served by selection passes; above it a partial sort is cheaper than k scans of the row.
-constexpr int kMaxSelectionK = 8;
+// Largest k served by the insertion list; above it a partial sort moves fewer entries.
+constexpr int kMaxInsertionK = 8;
 // Rows per parallel chunk is chosen so that a chunk holds at least this many logits: below that,
 // waking threads costs more than the work.
 constexpr int64_t kGrainElements = 32768;
@@ -49,7 +49,7 @@ inline void load_row(const TIn* src, int e, float t, float* x) {
 		for (int j = e; j < EB; ++j) x[j] = -INFINITY;
 }
 
-// Top-k of row p for k above kMaxSelectionK: a partial sort of expert ids in routing order.
+// Top-k of row p for k above kMaxInsertionK: a partial sort of expert ids in routing order.
 inline float topk_sorted(const float* p, int e, int k, int* order, float* w, int64_t* idx) {
 	for (int j = 0; j < e; ++j) order[j] = j;
 	std::partial_sort(order, order + k, order + e, [p](int a, int b) { return gate_before(p[a], a, p[b], b); });
@@ -76,8 +76,11 @@ void forward_rows(const TIn* logits, int64_t begin, int64_t end, int64_t n, int 
 		for (int j = 0; j < e; ++j) prob_sum[j] += x[j];
 		float* w = weights + r * k;
 		int64_t* idx = indices + r * k;
-		const float sum = (EB > 0 || k <= kMaxSelectionK) ? gate_topk<EB>(x, e, k, w, idx)
-				: topk_sorted(x, e, k, order, w, idx);
+		float sum;
+		if constexpr (EB > 0)
+			sum = gate_topk_ranked<EB>(x, e, k, w, idx);
+		else
+			sum = k <= kMaxInsertionK ? gate_topk_insert(x, e, k, w, idx) : topk_sorted(x, e, k, order, w, idx);
 		if (renormalize) gate_renormalize(w, k, sum);
 		for (int j = 0; j < k; ++j) ++counts[idx[j]];
 		int64_t pos;
@@ -165,7 +168,7 @@ GateOutputs forward(const at::Tensor& logits_in, int64_t k, double temperature, 
 		pm[j] = static_cast<float>(p / rows);
 		fr[j] = static_cast<float>(static_cast<double>(c) / (rows * static_cast<double>(k)));
 	}
-	if (cursor) cursor->add_(n);
+	if (cursor) cursor->data_ptr<int64_t>()[0] += n;
 	return {weights, indices, prob_mean, frac, lse};
 }
 

@@ -1,0 +1,72 @@
+"""
+topk_gate (fused kernels) vs the plain-PyTorch reference vs torch.compile(reference), forward and
+forward+backward, side by side per shape (pytest-benchmark groups), plus the forward's memory
+bandwidth against torch.clone of the logits.
+
+Full table:   pytest benchmarks/test_gating.py --benchmark-json=out/gating.json
+Quick subset: pytest benchmarks/test_gating.py -k "N512-E8-k2 or bandwidth"
+"""
+import functools
+
+import pytest
+import torch
+
+from tdmpc2_moe import topk_gate
+from tdmpc2_moe.reference import topk_gate_reference
+
+SHAPES = [(n, e, k) for n in (256, 512, 1536, 8192) for e in (4, 8, 16, 64) for k in (1, 2)]
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_reference(n, e, k):
+	"""torch.compile of the reference, one static-shape graph per shape (cached across benchmarks)."""
+	return torch.compile(functools.partial(topk_gate_reference, k=k), dynamic=False)
+
+
+def _impl(name, n, e, k):
+	if name == "fused":
+		return functools.partial(topk_gate, k=k)
+	if name == "reference":
+		return functools.partial(topk_gate_reference, k=k)
+	return _compiled_reference(n, e, k)
+
+
+def _forward_backward(fn, x):
+	gate = fn(x)
+	loss = gate.weights.sum() + gate.expert_prob_mean.square().sum() + gate.lse.sum()
+	return torch.autograd.grad(loss, x)
+
+
+@pytest.mark.parametrize("impl", ["fused", "reference", "compiled"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("n, e, k", SHAPES, ids=[f"N{n}-E{e}-k{k}" for n, e, k in SHAPES])
+def test_gating(benchmark, impl, mode, n, e, k):
+	torch.manual_seed(0)
+	fn = _impl(impl, n, e, k)
+	benchmark.group = f"{mode} N={n} E={e} k={k}"
+	benchmark.extra_info.update(impl=impl, mode=mode, n=n, e=e, k=k)
+	if mode == "fwd":
+		x = torch.randn(n, e)
+		fn(x)  # compile / warm up outside the timing
+		benchmark(fn, x)
+	else:
+		x = torch.randn(n, e, requires_grad=True)
+		_forward_backward(fn, x)
+		benchmark(_forward_backward, fn, x)
+
+
+@pytest.mark.parametrize("impl", ["fused", "clone"])
+def test_bandwidth(benchmark, impl):
+	"""N=262144, E=64, k=2 forward vs torch.clone of the same logits; extra_info holds the bytes moved."""
+	n, e, k = 262144, 64, 2
+	x = torch.randn(n, e)
+	benchmark.group = "bandwidth N=262144 E=64 k=2"
+	if impl == "fused":
+		# Reads the logits; writes weights (f32) and indices (i64) [N, k], lse [N], two [E] statistics.
+		moved = x.numel() * 4 + n * k * (4 + 8) + n * 4 + 2 * e * 4
+		fn = functools.partial(topk_gate, k=k)
+	else:
+		moved = 2 * x.numel() * 4
+		fn = torch.clone
+	benchmark.extra_info.update(impl=impl, bytes=moved)
+	benchmark.pedantic(fn, (x,), rounds=15, warmup_rounds=2)

@@ -1,0 +1,129 @@
+"""
+MoEBlock vs the fork-style leaky block vs a plain TD-MPC2 mlp, at TD-MPC2 dynamics-head shapes:
+training (batch 256 x horizon 3 = 768 rows, forward + backward) and planning (512 samples, no_grad
+forward); mlp_dim 384 (model_size 1, latent 128) and 512 (model_size 5, latent 512); E = 4, 8;
+k = 1, 2. Variants: `moe` (history on), `moe_nohist` (history_rows=None), `experts` (only the
+experts' batched matmuls, no gate or combine), `leaky`, and `plain` (one mlp, no experts).
+
+Summarise a `--benchmark-json` file as the README table with
+`python benchmarks/test_moe_block.py RESULTS.json`.
+"""
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+
+from tdmpc2_moe.moe import MoEBlock
+
+try:
+	from baselines.leaky_moe import LeakyMoEBlock, plain_mlp
+except ImportError:
+	from benchmarks.baselines.leaky_moe import LeakyMoEBlock, plain_mlp
+
+ACTION_DIM = 6
+LATENT = {384: 128, 512: 512}
+SHAPES = {"train": 256 * 3, "plan": 512}
+EXPERTS = [(4, 1), (4, 2), (8, 1), (8, 2)]
+VARIANTS = ["moe", "moe_nohist", "experts", "leaky"]
+
+
+class SimNorm(torch.nn.Module):
+	"""Softmax over groups of 8: upstream's SimNorm with simnorm_dim=8, the dynamics head's `act`."""
+
+	def forward(self, x):
+		shp = x.shape
+		return torch.softmax(x.view(*shp[:-1], -1, 8), dim=-1).view(*shp)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+	# One intra-op thread: comparable numbers on a shared, small CPU (process time is timed, see README).
+	threads = torch.get_num_threads()
+	torch.set_num_threads(1)
+	with warnings.catch_warnings():
+		warnings.filterwarnings("ignore", message="tdmpc2_moe._C is not built")
+		yield
+	torch.set_num_threads(threads)
+
+
+def _head(variant, mlp_dim, n_experts, top_k):
+	latent = LATENT[mlp_dim]
+	args = (latent + ACTION_DIM, [mlp_dim, mlp_dim], latent, SimNorm())
+	torch.manual_seed(0)
+	if variant == "plain":
+		return plain_mlp(*args)
+	if variant == "leaky":
+		return LeakyMoEBlock(*args, n_experts=n_experts, top_k=top_k)
+	return MoEBlock(*args, n_experts=n_experts, top_k=top_k, history_rows=None if variant == "moe_nohist" else 65536)
+
+
+def _step(head, variant, x):
+	"""Returns the callable timed: forward + backward for training rows, a no_grad forward for planning."""
+	forward = head.experts if variant == "experts" else head
+	if not x.requires_grad:
+		def plan():
+			with torch.no_grad():
+				forward(x)
+		return plan
+
+	def train():
+		out = forward(x)
+		loss = out.square().mean()
+		if variant == "leaky":
+			loss = loss + head.aux_loss
+		loss.backward()
+		if variant == "leaky":
+			# Keep the never-cleared list from eating the benchmark host's memory; its cost is the append.
+			head.gate_history.clear()
+	return train
+
+
+def _run(benchmark, variant, shape, mlp_dim, n_experts=None, top_k=None):
+	head = _head(variant, mlp_dim, n_experts, top_k)
+	x = torch.randn(SHAPES[shape], LATENT[mlp_dim] + ACTION_DIM, requires_grad=shape == "train")
+	benchmark.group = f"{shape} mlp_dim={mlp_dim}" + (f" E={n_experts} k={top_k}" if n_experts else "")
+	benchmark.extra_info.update(variant=variant, shape=shape, mlp_dim=mlp_dim, n_experts=n_experts, top_k=top_k)
+	benchmark.pedantic(_step(head, variant, x), rounds=7, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n_experts,top_k", EXPERTS, ids=[f"E{e}k{k}" for e, k in EXPERTS])
+@pytest.mark.parametrize("mlp_dim", sorted(LATENT))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_moe_block(benchmark, shape, mlp_dim, n_experts, top_k, variant):
+	_run(benchmark, variant, shape, mlp_dim, n_experts, top_k)
+
+
+@pytest.mark.parametrize("mlp_dim", sorted(LATENT))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_plain_mlp(benchmark, shape, mlp_dim):
+	_run(benchmark, "plain", shape, mlp_dim)
+
+
+def summarize(path):
+	"""Returns the README table (medians in ms and the ratios the targets are about) for a benchmark JSON file."""
+	with open(path) as f:
+		benches = json.load(f)["benchmarks"]
+	median = {}
+	for b in benches:
+		i = b["extra_info"]
+		median[(i["shape"], i["mlp_dim"], i["n_experts"], i["top_k"], i["variant"])] = b["stats"]["median"] * 1e3
+	lines = ["| shape | mlp_dim | E | k | plain | experts only | MoEBlock | MoEBlock, no history | leaky "
+			 "| history cost | gate+combine overhead | leaky / MoEBlock |",
+			 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+	for shape in SHAPES:
+		for dim in sorted(LATENT):
+			plain = median.get((shape, dim, None, None, "plain"), float("nan"))
+			for e, k in EXPERTS:
+				m = {v: median.get((shape, dim, e, k, v), float("nan")) for v in VARIANTS}
+				lines.append(
+					f"| {shape} ({SHAPES[shape]} rows) | {dim} | {e} | {k} | {plain:.2f} | {m['experts']:.2f} | {m['moe']:.2f} "
+					f"| {m['moe_nohist']:.2f} | {m['leaky']:.2f} | {100 * (m['moe'] / m['moe_nohist'] - 1):+.1f}% "
+					f"| {100 * (m['moe'] / m['experts'] - 1):+.1f}% | {m['leaky'] / m['moe']:.2f}x |")
+	return "\n".join(lines)
+
+
+if __name__ == "__main__":
+	print(summarize(sys.argv[1]))

@@ -1,0 +1,16 @@
+"""Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 without register spills."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH (install the CUDA toolkit to run this check)")
+def test_cuda_sources_compile_without_spills():
+	result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "check_nvcc.sh")], cwd=ROOT,
+							capture_output=True, text=True)
+	assert result.returncode == 0, result.stdout + result.stderr
+	assert "no spills" in result.stdout

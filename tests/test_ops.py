@@ -1,0 +1,217 @@
+"""topk_gate (compiled CPU kernels) against the plain-PyTorch reference: values, gradients, opcheck, compile."""
+import math
+
+import pytest
+import torch
+
+from tdmpc2_moe import GateHistory, backend, topk_gate
+from tdmpc2_moe.reference import topk_gate_backward_reference, topk_gate_reference
+
+pytestmark = pytest.mark.skipif(backend() == "reference", reason="tdmpc2_moe._C is not built")
+
+
+def _cases():
+	"""Covers every N, E, k in {1, 2, E//2, E}, temperature, renormalize, dtype and layout, without the full product."""
+	cases = []
+	i = 0
+	for e in (1, 2, 3, 4, 8, 13, 64, 257, 1024):
+		for k in sorted({1, 2, max(e // 2, 1), e} & set(range(1, e + 1))):
+			for shift in (0, 2):
+				j = i + shift
+				ns = (0, 1, 7, 513, 4099) if e <= 64 else (0, 1, 7, 513)
+				cases.append(dict(n=ns[j % len(ns)], e=e, k=k, temperature=(0.3, 1.0, 3.0)[j % 3],
+								  renormalize=j % 2 == 0, dtype=torch.bfloat16 if j % 4 == 3 else torch.float32,
+								  layout=("contiguous", "transposed", "strided")[j % 3]))
+			i += 1
+	return cases
+
+
+def _logits(n, e, dtype=torch.float32, layout="contiguous", scale=2.0):
+	"""Random logits [n, e]; "transposed" and "strided" give non-contiguous views of the same values."""
+	if layout == "transposed":
+		x = (torch.randn(e, n) * scale).t()
+	elif layout == "strided":
+		x = (torch.randn(n, 2 * e) * scale)[:, ::2]
+	else:
+		x = torch.randn(n, e) * scale
+	return x.to(dtype)
+
+
+def _assert_same_routing(gate, ref, logits, temperature):
+	"""Indices equal the reference's, except between experts whose probabilities tie to float rounding."""
+	n, k = ref.indices.shape
+	e = logits.shape[1]
+	assert gate.indices.dtype == torch.int64 and gate.indices.shape == (n, k)
+	assert ((gate.indices >= 0) & (gate.indices < e)).all()
+	probs = torch.softmax(logits.float() / temperature, -1)
+	near_tie = (probs.gather(1, gate.indices) - probs.gather(1, ref.indices)).abs() <= 1e-6
+	assert ((gate.indices == ref.indices) | near_tie).all()
+
+
+@pytest.mark.parametrize("case", _cases(), ids=lambda c: "n{n}-e{e}-k{k}-t{temperature}-r{renormalize:d}-{layout}-{dtype}".format(**c).replace("torch.", ""))
+def test_matches_reference(case):
+	torch.manual_seed(hash(str(case)) % 2**31)
+	n, e, k, t, renorm = case["n"], case["e"], case["k"], case["temperature"], case["renormalize"]
+	logits = _logits(n, e, case["dtype"], case["layout"]).requires_grad_()
+	gate = topk_gate(logits, k, temperature=t, renormalize=renorm)
+	ref = topk_gate_reference(logits.detach(), k, t, renorm)
+	_assert_same_routing(gate, ref, logits.detach(), t)
+	for name in ("weights", "expert_prob_mean", "lse"):
+		got, want = getattr(gate, name), getattr(ref, name)
+		assert got.dtype == torch.float32 and got.shape == want.shape
+		torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+	counts = torch.bincount(gate.indices.reshape(-1), minlength=e).float()
+	torch.testing.assert_close(gate.expert_frac, counts / (max(n, 1) * k))
+	assert not gate.expert_frac.requires_grad and not gate.indices.requires_grad
+
+	# Gradient from all three differentiable outputs, with random cotangents, against the hand-written
+	# reference backward (given the kernel's own selection) and, where the selections agree, autograd.
+	cw, cp, cl = torch.randn(n, k), torch.randn(e), torch.randn(n)
+	(grad,) = torch.autograd.grad((gate.weights * cw).sum() + (gate.expert_prob_mean * cp).sum() + (gate.lse * cl).sum(), logits)
+	assert grad.dtype == logits.dtype and grad.shape == logits.shape
+	want = topk_gate_backward_reference(cw, cp, cl, logits.detach(), gate.indices, k, t, renorm)
+	tol = dict(rtol=2e-2, atol=1e-2) if case["dtype"] == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+	torch.testing.assert_close(grad, want, **tol)
+	if torch.equal(gate.indices, ref.indices):
+		ref_logits = logits.detach().clone().requires_grad_()
+		r = topk_gate_reference(ref_logits, k, t, renorm)
+		(ref_grad,) = torch.autograd.grad((r.weights * cw).sum() + (r.expert_prob_mean * cp).sum() + (r.lse * cl).sum(), ref_logits)
+		torch.testing.assert_close(grad, ref_grad, **tol)
+
+
+def test_ties_go_to_the_lower_index():
+	logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 3.0, 3.0], [2.0, 1.0, 2.0, 2.0]])
+	gate = topk_gate(logits, 3)
+	assert gate.indices.tolist() == [[0, 1, 2], [1, 2, 3], [0, 2, 3]]
+	torch.testing.assert_close(gate.weights[0], torch.full((3,), 1 / 3))
+
+
+def test_unused_outputs_need_no_gradient():
+	logits = torch.randn(33, 6, requires_grad=True)
+	gate = topk_gate(logits, 2, temperature=0.7)
+	(grad,) = torch.autograd.grad(gate.lse.sum(), logits)
+	torch.testing.assert_close(grad, torch.softmax(logits.detach() / 0.7, -1) / 0.7)
+
+
+def test_reference_gradcheck_float64():
+	torch.manual_seed(0)
+	for renorm in (True, False):
+		x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+
+		def f(x):
+			g = topk_gate_reference(x, 2, 0.5, renorm)
+			return g.weights, g.expert_prob_mean, g.lse
+
+		assert torch.autograd.gradcheck(f, (x,))
+
+
+@pytest.mark.parametrize("e", [5, 64])
+def test_compiled_backward_matches_float64_reference(e):
+	torch.manual_seed(e)
+	x = torch.randn(9, e, dtype=torch.float64)
+	gate = topk_gate(x.float().requires_grad_(), 3, temperature=1.5)
+	cots = torch.randn(9, 3, dtype=torch.float64), torch.randn(e, dtype=torch.float64), torch.randn(9, dtype=torch.float64)
+	xf = x.float().requires_grad_()
+	g = topk_gate(xf, 3, temperature=1.5)
+	(grad,) = torch.autograd.grad(sum((o * c.float()).sum() for o, c in zip((g.weights, g.expert_prob_mean, g.lse), cots)), xf)
+	x64 = x.clone().requires_grad_()
+	r = topk_gate_reference(x64, 3, 1.5, True)
+	assert torch.equal(r.indices, gate.indices)
+	(want,) = torch.autograd.grad(sum((o * c).sum() for o, c in zip((r.weights, r.expert_prob_mean, r.lse), cots)), x64)
+	torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_opcheck_every_op():
+	torch.manual_seed(0)
+	x = torch.randn(11, 6, requires_grad=True)
+	ops = torch.ops.tdmpc2_moe
+	torch.library.opcheck(ops.topk_gate.default, (x, 2, 0.8, True))
+	torch.library.opcheck(ops.topk_gate.default, (x.detach().bfloat16(), 3, 1.0, False))
+	history = GateHistory(8, 6)
+	torch.library.opcheck(ops.topk_gate_record.default, (x, 2, 1.0, True, history.ring, history.cursor))
+	idx = topk_gate(x.detach(), 2).indices
+	args = (torch.randn(11, 2), torch.randn(6), torch.randn(11), x.detach(), idx, 1.0, True)
+	torch.library.opcheck(ops.topk_gate_backward.default, args)
+	torch.library.opcheck(ops.topk_gate_backward.default, (None, None, torch.randn(11), x.detach(), idx, 2.0, False))
+
+
+def _routing(x, history=None):
+	g = topk_gate(x, 2, temperature=0.9, history=history)
+	return g.weights, g.indices, (g.weights.sum() + g.expert_prob_mean.pow(2).sum() + g.lse.mean())
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "inductor"])
+def test_compiles_fullgraph_with_and_without_history(compile_backend):
+	torch._dynamo.reset()
+	torch.manual_seed(0)
+	x = torch.randn(40, 8, requires_grad=True)
+	compiled_plain = torch.compile(lambda x: _routing(x), fullgraph=True, backend=compile_backend)
+	w, i, loss = compiled_plain(x)
+	ew, ei, eloss = _routing(x)
+	assert torch.equal(i, ei)
+	torch.testing.assert_close(w, ew)
+	(g,) = torch.autograd.grad(loss, x)
+	(eg,) = torch.autograd.grad(eloss, x)
+	torch.testing.assert_close(g, eg)
+
+	history, eager_history = GateHistory(64, 8), GateHistory(64, 8)
+	compiled_rec = torch.compile(_routing, fullgraph=True, backend=compile_backend)
+	for _ in range(3):  # 120 rows: wraps the 64-row ring
+		w, _, loss = compiled_rec(x, history)
+		loss.backward()
+		_routing(x, eager_history)
+	assert history.total == eager_history.total == 120
+	torch.testing.assert_close(history.snapshot(), eager_history.snapshot())
+
+
+@pytest.mark.parametrize("bad, match", [
+	(dict(k=0), "k"), (dict(k=9), "k"), (dict(k=2.0), "k"),
+	(dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
+	(dict(temperature=math.nan), "temperature"), (dict(temperature=math.inf), "temperature"),
+	(dict(logits=torch.randn(8)), "logits"), (dict(logits=torch.randn(2, 3, 8)), "logits"),
+	(dict(logits=torch.ones(4, 8, dtype=torch.int64)), "logits"),
+	(dict(history=GateHistory(4, 5)), "history"), (dict(history=GateHistory(4, 8, device="meta")), "history"),
+])
+def test_bad_arguments_raise_value_error_naming_them(bad, match):
+	args = dict(logits=torch.randn(4, 8), k=2, temperature=1.0, history=None)
+	args.update(bad)
+	with pytest.raises(ValueError, match=match):
+		topk_gate(args["logits"], args["k"], temperature=args["temperature"], history=args["history"])
+
+
+def _bad_rows(e):
+	nan, inf = math.nan, math.inf
+	rows = [[nan] * e, [inf] * e, [-inf] * e, [nan] + [0.0] * (e - 1), [0.0] * (e - 1) + [inf],
+			[-inf] * (e - 1) + [nan], [1.0] + [-inf] * (e - 1)]
+	return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("e", [3, 8, 40])
+def test_nan_and_inf_rows_route_to_valid_experts_and_stay_inside_the_ring(e):
+	logits = _bad_rows(e)
+	n, k = logits.shape[0], min(2, e)
+	gate = topk_gate(logits, k)
+	assert ((gate.indices >= 0) & (gate.indices < e)).all()
+	assert all(len(set(row)) == k for row in gate.indices.tolist())
+
+	# The ring is the middle of a larger sentinel-filled tensor: no write may land outside it,
+	# including when one call has more rows than the ring (N > capacity) and the cursor is mid-ring.
+	capacity = 4
+	storage = torch.full((capacity + 2, e), 7.0)
+	ring, cursor = storage[1:-1], torch.tensor(3)
+	torch.ops.tdmpc2_moe.topk_gate_record(logits, k, 1.0, True, ring, cursor)
+	assert (storage[0] == 7.0).all() and (storage[-1] == 7.0).all()
+	assert cursor.item() == 3 + n
+
+	# A single bad row in a GateHistory changes exactly its own ring row.
+	history = GateHistory(6, e)
+	topk_gate(torch.randn(2, e), k, history=history)
+	before = history.ring.clone()
+	topk_gate(logits[:1], k, history=history)
+	changed = (history.ring != before) & ~(history.ring.isnan() & before.isnan())
+	assert changed.any(dim=1).nonzero().flatten().tolist() == [2]
+	assert history.total == 3
+
+
+def test_backend_is_cpu_when_extension_is_built():
+	assert backend() == "cpu"
