@@ -11,11 +11,14 @@
 #if defined(__CUDACC__)
 #define GATE_HD __host__ __device__ __forceinline__
 #define GATE_UNROLL _Pragma("unroll")
+#define GATE_UNROLL_LANES _Pragma("unroll")
 #else
 #define GATE_HD inline __attribute__((always_inline))
 // On the host a fully unrolled 8-iteration loop is no longer a loop, and gcc stops vectorising it:
 // keep the loops rolled there and let the vectoriser widen them.
 #define GATE_UNROLL _Pragma("GCC unroll 1")
+// The 8 lanes of a partial-result loop are unrolled so the SLP vectoriser turns them into SIMD.
+#define GATE_UNROLL_LANES _Pragma("GCC unroll 8")
 #endif
 
 namespace tdmpc2_moe {
@@ -78,6 +81,40 @@ GATE_HD float gate_exp(float x) {
 #endif
 }
 
+// Max (NaN never wins, as with fmaxf) and sum of a[0..n), over 8 independent partial results: no
+// serial dependency chain through the row, and the host compiler widens the 8 lanes into SIMD.
+constexpr int kLanes = 8;
+
+GATE_HD float gate_row_max(const float* a, int n) {
+	float part[kLanes];
+GATE_UNROLL_LANES
+	for (int l = 0; l < kLanes; ++l) part[l] = -INFINITY;
+	int j = 0;
+	for (; j + kLanes <= n; j += kLanes)
+GATE_UNROLL_LANES
+		for (int l = 0; l < kLanes; ++l) part[l] = a[j + l] > part[l] ? a[j + l] : part[l];
+	for (; j < n; ++j) part[0] = a[j] > part[0] ? a[j] : part[0];
+	float m = part[0];
+GATE_UNROLL_LANES
+	for (int l = 1; l < kLanes; ++l) m = part[l] > m ? part[l] : m;
+	return m;
+}
+
+GATE_HD float gate_row_sum(const float* a, int n) {
+	float part[kLanes];
+GATE_UNROLL_LANES
+	for (int l = 0; l < kLanes; ++l) part[l] = 0.f;
+	int j = 0;
+	for (; j + kLanes <= n; j += kLanes)
+GATE_UNROLL_LANES
+		for (int l = 0; l < kLanes; ++l) part[l] += a[j + l];
+	for (; j < n; ++j) part[0] += a[j];
+	float s = part[0];
+GATE_UNROLL_LANES
+	for (int l = 1; l < kLanes; ++l) s += part[l];
+	return s;
+}
+
 // Turns x (logits already divided by the temperature) into softmax probabilities in place, with
 // max subtraction. Returns the row's logsumexp. With a compile-time bound EB the loops run over all
 // EB entries: the caller pads entries e..EB-1 with -inf, which get probability 0 (or NaN when the
@@ -85,15 +122,11 @@ GATE_HD float gate_exp(float x) {
 template <int EB>
 GATE_HD float gate_softmax(float* x, int e) {
 	const int n = gate_bound<EB>(e);
-	float m = -INFINITY;
-GATE_UNROLL
-	for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;  // NaN never wins, as with fmaxf; maps to maxps
+	const float m = gate_row_max(x, n);
 	// Separate map and sum loops: the map vectorises, a fused loop would be serialised by the sum.
 GATE_UNROLL
 	for (int j = 0; j < n; ++j) x[j] = gate_exp(x[j] - m);
-	float s = 0.f;
-GATE_UNROLL
-	for (int j = 0; j < n; ++j) s += x[j];
+	const float s = gate_row_sum(x, n);
 	const float inv = 1.f / s;
 GATE_UNROLL
 	for (int j = 0; j < n; ++j) x[j] *= inv;
@@ -151,12 +184,12 @@ GATE_HD float gate_topk_insert(const float* p, int e, int k, W* w, I* idx) {
 	float kth = -INFINITY;  // key of the last kept entry once the list is full
 	for (int j = 0; j < e; ++j) {
 		if (filled == k && j % kChunk == 0 && j + kChunk <= e) {
-			// Skip a whole chunk that cannot enter (the common case once the list holds large entries);
-			// the chunk maximum is a vectorisable reduction, the per-entry test below is a branch.
-			float chunk_max = -INFINITY;
+			// Skip a whole chunk that cannot enter (the common case once the list holds large entries):
+			// an OR of comparisons vectorises, the per-entry test below is a branch.
+			int enters = 0;  // NaN > kth is false, as gate_key(NaN) = -inf > kth is
 GATE_UNROLL
-			for (int i = j; i < j + kChunk; ++i) chunk_max = gate_key(p[i]) > chunk_max ? gate_key(p[i]) : chunk_max;
-			if (!(chunk_max > kth)) {
+			for (int i = j; i < j + kChunk; ++i) enters |= p[i] > kth;
+			if (!enters) {
 				j += kChunk - 1;
 				continue;
 			}

@@ -3,7 +3,7 @@
 # then the pinned requirements, then builds and installs tdmpc2_moe without build isolation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
+VENV=$(realpath -m "${VENV:-.venv}")
 if [ ! -x "$VENV/bin/python" ]; then
 	python3 -m venv "$VENV"
 fi
@@ -11,4 +11,5 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q torch==2.13.0
 $PIP install -q -r requirements.txt
 $PIP install -q --no-build-isolation .
-$VENV/bin/python -c "import tdmpc2_moe; print('tdmpc2_moe backend:', tdmpc2_moe.backend())"
+# From outside the source tree, so the installed package (with its built _C) is the one imported.
+(cd / && "$VENV/bin/python" -c "import tdmpc2_moe; print('tdmpc2_moe backend:', tdmpc2_moe.backend())")

@@ -3,11 +3,12 @@
 # TDMPC2_ROOT (or ~/tdmpc2 when it exists) and are skipped with a reason otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export VENV=$(realpath -m "${VENV:-.venv}")
 bash scripts/setup_venv.sh
-VENV=${VENV:-.venv}
 if [ -z "${TDMPC2_ROOT:-}" ] && [ -f "$HOME/tdmpc2/tdmpc2/tdmpc2.py" ]; then
 	export TDMPC2_ROOT="$HOME/tdmpc2"
 fi
 echo "TDMPC2_ROOT=${TDMPC2_ROOT:-<unset: integration tests will be skipped>}"
-# Run from a directory outside the source tree so the installed package (with its built _C) is tested.
-cd tests && exec ../"$VENV"/bin/python -m pytest -q -rs -p no:cacheprovider "$@" .
+export PATH="$VENV/bin:$PATH"
+# Run from tests/ so the installed package (with its built _C), not the source tree, is imported.
+cd tests && exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider "$@" .

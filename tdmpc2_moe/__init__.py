@@ -1,5 +1,8 @@
 """tdmpc2_moe: Mixture-of-Experts world-model heads for TD-MPC2 with a fused top-k gating operator."""
 from .history import GateHistory
+from .monitor import MemoryMonitor
+from .moe import MoEBlock
 from .ops import Gate, backend, topk_gate
+from .patching import is_patched, patch, unpatch
 
-__all__ = ["Gate", "GateHistory", "backend", "topk_gate"]
+__all__ = ["Gate", "GateHistory", "MemoryMonitor", "MoEBlock", "backend", "is_patched", "patch", "topk_gate", "unpatch"]
