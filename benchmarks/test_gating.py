@@ -70,3 +70,35 @@ def test_bandwidth(benchmark, impl):
 		fn = torch.clone
 	benchmark.extra_info.update(impl=impl, bytes=moved)
 	benchmark.pedantic(fn, (x,), rounds=15, warmup_rounds=2)
+
+
+def markdown_table(path):
+	"""Returns the README table (medians in microseconds and speed-ups of the fused op) from a pytest-benchmark JSON."""
+	import json
+
+	runs = json.load(open(path))["benchmarks"]
+	median = {}
+	for b in runs:
+		info = b["extra_info"]
+		if "mode" in info:
+			median[(info["mode"], info["n"], info["e"], info["k"], info["impl"])] = b["stats"]["median"] * 1e6
+	lines = ["| mode | N | E | k | fused µs | reference µs | compiled µs | vs reference | vs compiled |",
+			 "|---|---|---|---|---|---|---|---|---|"]
+	for mode in ("fwd", "fwdbwd"):
+		for n, e, k in SHAPES:
+			f, r, c = (median.get((mode, n, e, k, impl)) for impl in ("fused", "reference", "compiled"))
+			if None not in (f, r, c):
+				lines.append(f"| {mode} | {n} | {e} | {k} | {f:.1f} | {r:.1f} | {c:.1f} | {r / f:.2f}x | {c / f:.2f}x |")
+	band = {b["extra_info"]["impl"]: b for b in runs if b["group"] and b["group"].startswith("bandwidth")}
+	if len(band) == 2:
+		rate = {impl: b["extra_info"]["bytes"] / b["stats"]["median"] / 1e9 for impl, b in band.items()}
+		lines += ["", "| N=262144 E=64 k=2 forward | median ms | GB/s |", "|---|---|---|"]
+		lines += [f"| {impl} | {band[impl]['stats']['median'] * 1e3:.1f} | {rate[impl]:.2f} |" for impl in ("fused", "clone")]
+		lines.append(f"\nfused / clone byte rate: {rate['fused'] / rate['clone']:.2f}")
+	return "\n".join(lines)
+
+
+if __name__ == "__main__":
+	import sys
+
+	print(markdown_table(sys.argv[1]))

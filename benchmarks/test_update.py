@@ -7,6 +7,7 @@ the benchmarked rounds and scaled. Needs $TDMPC2_ROOT.
 
 	TDMPC2_ROOT=/path/to/tdmpc2 python -m pytest benchmarks/test_update.py --benchmark-json=update.json
 """
+import ctypes
 import gc
 import os
 import types
@@ -28,6 +29,17 @@ VARIANTS = {
 	"leaky_fork": ["use_moe=true", "moe_experts=4", "moe_top_k=2", "monitor_mem_interval=0"],
 	"leaky_fork_fixed": ["use_moe=true", "moe_experts=4", "moe_top_k=2", "monitor_mem_interval=0"],
 }
+
+
+def _resident_mb():
+	"""Returns resident memory in MB after a garbage collection and, on glibc, returning freed heap pages to
+	the OS, so that memory an earlier variant freed does not show up as this variant shrinking."""
+	gc.collect()
+	try:
+		ctypes.CDLL("libc.so.6").malloc_trim(0)
+	except (OSError, AttributeError):
+		pass
+	return psutil.Process().memory_info().rss / 2 ** 20
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +110,9 @@ def test_update_step(benchmark, variant, root, monkeypatch):
 	agent, buffer = _agent(variant, monkeypatch)
 	for _ in range(WARMUP):
 		agent.update(buffer)
-	gc.collect()
-	process = psutil.Process()
-	before = process.memory_info().rss
+	before = _resident_mb()
 	benchmark.pedantic(agent.update, args=(buffer,), rounds=ROUNDS, iterations=1)
-	gc.collect()
-	growth = (process.memory_info().rss - before) / 2 ** 20
+	growth = _resident_mb() - before
 	benchmark.extra_info.update(rss_mb_per_1000_updates=growth * 1000 / ROUNDS, rounds=ROUNDS,
 								threads=torch.get_num_threads(), batch_size=agent.cfg.batch_size)
 	patching.unpatch()

@@ -17,7 +17,7 @@
 // On the host a fully unrolled 8-iteration loop is no longer a loop, and gcc stops vectorising it:
 // keep the loops rolled there and let the vectoriser widen them.
 #define GATE_UNROLL _Pragma("GCC unroll 1")
-// The 8 lanes of a partial-result loop are unrolled so the SLP vectoriser turns them into SIMD.
+// The 8 lanes of a partial-result loop are unrolled: 8 independent chains in flight.
 #define GATE_UNROLL_LANES _Pragma("GCC unroll 8")
 #endif
 
@@ -81,8 +81,22 @@ GATE_HD float gate_exp(float x) {
 #endif
 }
 
-// Max (NaN never wins, as with fmaxf) and sum of a[0..n), over 8 independent partial results: no
-// serial dependency chain through the row, and the host compiler widens the 8 lanes into SIMD.
+// a[i], read without a dynamic index when the bound is compile-time (see gate_add_at).
+template <int EB>
+GATE_HD float gate_value_at(const float* a, int e, int i) {
+	if (EB > 0) {
+		float v = 0.f;
+		const int n = gate_bound<EB>(e);
+GATE_UNROLL
+		for (int j = 0; j < n; ++j)
+			if (j == i) v = a[j];
+		return v;
+	}
+	return (i >= 0 && i < e) ? a[i] : 0.f;
+}
+
+// Max (NaN never wins, as with fmaxf) and sum of a[0..n), over 8 independent partial results, so
+// a long row is not one serial chain of dependent adds / compares.
 constexpr int kLanes = 8;
 
 GATE_HD float gate_row_max(const float* a, int n) {
@@ -133,27 +147,45 @@ GATE_UNROLL
 	return m + logf(s);
 }
 
-// The next expert after (prev_k, prev_i) in routing order (prev_k: the previous pick's gate_key).
-// Branch-free, so random rows cost no mispredictions. The first remaining entry is always taken,
-// so while an entry remains (pass < e) the result is in [0, e), whatever the values (NaN included).
-// Returns the index; stores its probability in *v and its key in *key.
+// The next expert after (prev_k, prev_i) in routing order (prev_k: the previous pick's gate_key),
+// in two branch-free, vectorisable passes: the largest key among the entries after the previous
+// pick, then the lowest index holding it (ties to the lower index). While an entry remains
+// (pass < e) the result is in [0, e) whatever the values, NaN included; the final clamp keeps it
+// there even if none remained. Returns the index; stores its probability in *v and its key in *key.
 template <int EB>
 GATE_HD int gate_select_next(const float* p, int e, float prev_k, int prev_i, float* v, float* key) {
-	float best_k = -INFINITY, best_v = 0.f;
-	int best_i = e;
 	const int n = gate_bound<EB>(e);
-GATE_UNROLL
-	for (int j = 0; j < n; ++j) {
+	float part[kLanes];
+GATE_UNROLL_LANES
+	for (int l = 0; l < kLanes; ++l) part[l] = -INFINITY;
+	int j = 0;
+	for (; j + kLanes <= n; j += kLanes)
+GATE_UNROLL_LANES
+		for (int l = 0; l < kLanes; ++l) {
+			const int i = j + l;
+			const float ki = gate_key(p[i]);
+			const bool after = (i < e) & ((ki < prev_k) | ((ki == prev_k) & (i > prev_i)));
+			part[l] = (after & (ki > part[l])) ? ki : part[l];
+		}
+	for (; j < n; ++j) {
 		const float kj = gate_key(p[j]);
-		const bool after_prev = (kj < prev_k) | ((kj == prev_k) & (j > prev_i));
-		// Scanning upwards, a strict > keeps the lower index on ties.
-		const bool take = (j < e) & after_prev & ((kj > best_k) | (best_i == e));
-		best_k = take ? kj : best_k;
-		best_v = take ? p[j] : best_v;
-		best_i = take ? j : best_i;
+		const bool after = (j < e) & ((kj < prev_k) | ((kj == prev_k) & (j > prev_i)));
+		part[0] = (after & (kj > part[0])) ? kj : part[0];
 	}
-	*v = best_v;
-	*key = best_k;
+	float best = part[0];
+GATE_UNROLL_LANES
+	for (int l = 1; l < kLanes; ++l) best = part[l] > best ? part[l] : best;
+	int best_i = e;
+GATE_UNROLL
+	for (int i = 0; i < n; ++i) {
+		const float ki = gate_key(p[i]);
+		const bool after = (i < e) & ((ki < prev_k) | ((ki == prev_k) & (i > prev_i)));
+		const int cand = (after & (ki == best)) ? i : e;
+		best_i = cand < best_i ? cand : best_i;
+	}
+	best_i = best_i < e ? best_i : e - 1;
+	*key = best;
+	*v = gate_value_at<EB>(p, e, best_i);
 	return best_i;
 }
 
@@ -170,44 +202,6 @@ GATE_HD float gate_topk(const float* p, int e, int k, W* w, I* idx) {
 		idx[j] = prev_i;
 		sum += prev_v;
 	}
-	return sum;
-}
-
-// Top-k of probabilities p in one pass with a sorted insertion list held in w/idx (O(E) compares
-// plus rare insertions on typical rows; the fast choice for small k and a run-time E on the host).
-// Scanning upwards, an entry enters only past a strictly smaller key, so ties keep the lower index.
-// The first k entries always enter, so every slot holds a valid expert. Writes as gate_topk does.
-template <typename W, typename I>
-GATE_HD float gate_topk_insert(const float* p, int e, int k, W* w, I* idx) {
-	constexpr int kChunk = 16;
-	int filled = 0;
-	float kth = -INFINITY;  // key of the last kept entry once the list is full
-	for (int j = 0; j < e; ++j) {
-		if (filled == k && j % kChunk == 0 && j + kChunk <= e) {
-			// Skip a whole chunk that cannot enter (the common case once the list holds large entries):
-			// an OR of comparisons vectorises, the per-entry test below is a branch.
-			int enters = 0;  // NaN > kth is false, as gate_key(NaN) = -inf > kth is
-GATE_UNROLL
-			for (int i = j; i < j + kChunk; ++i) enters |= p[i] > kth;
-			if (!enters) {
-				j += kChunk - 1;
-				continue;
-			}
-		}
-		const float kj = gate_key(p[j]);
-		if (filled == k && !(kj > kth)) continue;
-		int slot = filled < k ? filled++ : k - 1;
-		while (slot > 0 && kj > gate_key(static_cast<float>(w[slot - 1]))) {
-			w[slot] = w[slot - 1];
-			idx[slot] = idx[slot - 1];
-			--slot;
-		}
-		w[slot] = p[j];
-		idx[slot] = j;
-		kth = gate_key(static_cast<float>(w[k - 1]));
-	}
-	float sum = 0.f;
-	for (int j = 0; j < k; ++j) sum += w[j];
 	return sum;
 }
 
@@ -272,20 +266,6 @@ template <typename Cvt, typename T, typename W, typename I>
 GATE_HD void gate_ring_write(T* ring_row, int e, const W* w, const I* idx, int k) {
 	for (int j = 0; j < e; ++j) ring_row[j] = Cvt::from_float(0.f);
 	for (int j = 0; j < k; ++j) ring_row[idx[j]] = Cvt::from_float(static_cast<float>(w[j]));
-}
-
-// a[i], read without a dynamic index when the bound is compile-time (see gate_add_at).
-template <int EB>
-GATE_HD float gate_value_at(const float* a, int e, int i) {
-	if (EB > 0) {
-		float v = 0.f;
-		const int n = gate_bound<EB>(e);
-GATE_UNROLL
-		for (int j = 0; j < n; ++j)
-			if (j == i) v = a[j];
-		return v;
-	}
-	return (i >= 0 && i < e) ? a[i] : 0.f;
 }
 
 // Backward of one row, the formula of reference.topk_gate_backward_reference:

@@ -25,6 +25,15 @@ class GateHistory(nn.Module):
 		self.register_buffer("ring", torch.zeros(capacity, n_experts, device=device, dtype=dtype), persistent=False)
 		self.register_buffer("cursor", torch.zeros((), device=device, dtype=torch.int64), persistent=False)
 
+	def _apply(self, fn, recurse=True):
+		# Module-wide casts (block.double(), model.half()) move the ring but keep its dtype: the
+		# kernel writes float32/float16/bfloat16 rings, and the ring's precision is chosen here.
+		dtype = self.ring.dtype
+		super()._apply(fn, recurse)
+		if self.ring.dtype != dtype:
+			self.ring = self.ring.to(dtype)
+		return self
+
 	@property
 	def device(self):
 		return self.ring.device

@@ -56,3 +56,12 @@ def test_memory_is_fixed_by_capacity():
 		topk_gate(torch.randn(300, 16), 2, history=history)
 	assert history.ring.numel() * history.ring.element_size() == 1000 * 16 * 4
 	assert history.total == 6000 and history.snapshot().shape == (1000, 16)
+
+
+def test_module_casts_keep_ring_dtype():
+	# block.double() / model.half() must not turn the ring into a dtype the kernel cannot write.
+	h = GateHistory(4, 3, dtype=torch.bfloat16)
+	h.double()
+	assert h.ring.dtype == torch.bfloat16 and h.cursor.dtype == torch.int64
+	h.float()
+	assert h.ring.dtype == torch.bfloat16

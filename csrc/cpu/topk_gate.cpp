@@ -16,8 +16,8 @@
 namespace tdmpc2_moe {
 namespace {
 
-// Largest k served by the insertion list; above it a partial sort moves fewer entries.
-constexpr int kMaxInsertionK = 8;
+// Largest k served by selection passes (k scans of the row); above it a partial sort is cheaper.
+constexpr int kMaxSelectionK = 2;
 // Rows per parallel chunk is chosen so that a chunk holds at least this many logits: below that,
 // waking threads costs more than the work.
 constexpr int64_t kGrainElements = 32768;
@@ -49,7 +49,7 @@ inline void load_row(const TIn* src, int e, float t, float* x) {
 		for (int j = e; j < EB; ++j) x[j] = -INFINITY;
 }
 
-// Top-k of row p for k above kMaxInsertionK: a partial sort of expert ids in routing order.
+// Top-k of row p for k above kMaxSelectionK: a partial sort of expert ids in routing order.
 inline float topk_sorted(const float* p, int e, int k, int* order, float* w, int64_t* idx) {
 	for (int j = 0; j < e; ++j) order[j] = j;
 	std::partial_sort(order, order + k, order + e, [p](int a, int b) { return gate_before(p[a], a, p[b], b); });
@@ -78,9 +78,10 @@ void forward_rows(const TIn* logits, int64_t begin, int64_t end, int64_t n, int 
 		int64_t* idx = indices + r * k;
 		float sum;
 		if constexpr (EB > 0)
-			sum = gate_topk_ranked<EB>(x, e, k, w, idx);
+			// Ranking costs EB^2 compares whatever k; selection passes cost 2 * k * EB.
+			sum = (EB <= 8 || k > kMaxSelectionK) ? gate_topk_ranked<EB>(x, e, k, w, idx) : gate_topk<EB>(x, e, k, w, idx);
 		else
-			sum = k <= kMaxInsertionK ? gate_topk_insert(x, e, k, w, idx) : topk_sorted(x, e, k, order, w, idx);
+			sum = k <= kMaxSelectionK ? gate_topk<0>(x, e, k, w, idx) : topk_sorted(x, e, k, order, w, idx);
 		if (renormalize) gate_renormalize(w, k, sum);
 		for (int j = 0; j < k; ++j) ++counts[idx[j]];
 		int64_t pos;

@@ -1,9 +1,9 @@
 // CUDA dispatch glue: argument checks, device guard, current stream, output allocation; the kernels
 // are in topk_gate.cu. Compiled only in CUDA builds (setup.py).
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../cpu/topk_gate.h"
@@ -60,7 +60,7 @@ GateOutputs forward_cuda(const at::Tensor& logits_in, int64_t k, double temperat
 		p.capacity = ring->size(0);
 		p.cursor = cursor->data_ptr<int64_t>();
 	}
-	check_launch(launch_topk_gate_forward(p, at::cuda::getCurrentCUDAStream()));
+	check_launch(launch_topk_gate_forward(p, c10::cuda::getCurrentCUDAStream()));
 	return {weights, indices, prob_mean, frac, lse};
 }
 
@@ -95,7 +95,7 @@ at::Tensor topk_gate_backward_cuda(const std::optional<at::Tensor>& grad_weights
 	p.temperature = static_cast<float>(temperature);
 	p.renormalize = renormalize;
 	p.grad_logits = grad.data_ptr();
-	check_launch(launch_topk_gate_backward(p, at::cuda::getCurrentCUDAStream()));
+	check_launch(launch_topk_gate_backward(p, c10::cuda::getCurrentCUDAStream()));
 	return grad.to(logits_in.scalar_type());
 }
 
