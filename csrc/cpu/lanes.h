@@ -1,0 +1,59 @@
+// Row-block ("lane") CPU kernels of top-k gating: kLaneRows rows at a time, stored transposed
+// (expert-major, x[j * kLaneRows + l] is expert j of the block's row l), so every step of the row
+// code of gate_row.h runs on kLaneRows rows at once and the compiler vectorises across rows,
+// whatever E is. Compiled once per instruction set (lanes_*.cpp); lane_kernels() picks the best
+// one the running CPU supports.
+#pragma once
+
+#include <stdint.h>
+
+namespace tdmpc2_moe {
+
+// Rows per block: one AVX-512 register of floats, two AVX2 ones.
+constexpr int kLaneRows = 16;
+
+struct LaneForward {
+	const float* logits;  // [N, E] contiguous float32
+	int64_t n;
+	int e, k;
+	float t;  // temperature
+	bool renormalize;
+	float* weights;  // [N, k]
+	int64_t* indices;  // [N, k]
+	float* lse;  // [N]
+	// This thread's statistics, added to: sum over its rows of the probabilities [E], pick counts [E].
+	double* prob_sum;
+	int64_t* counts;
+};
+
+struct LaneBackward {
+	const float* logits;  // [N, E] contiguous float32
+	float* grad;  // [N, E] output
+	const float* grad_weights;  // [N, k] or null (zero)
+	const float* grad_prob_mean;  // [E], zeros when the gradient is absent
+	const float* grad_lse;  // [N] or null (zero)
+	const int64_t* indices;  // [N, k]
+	int64_t n;
+	int e, k;
+	float t, inv_rows;
+	bool renormalize;
+};
+
+struct LaneKernels {
+	// Rows [begin, end) of the forward / backward.
+	void (*forward)(const LaneForward&, int64_t begin, int64_t end);
+	void (*backward)(const LaneBackward&, int64_t begin, int64_t end);
+	const char* isa;
+};
+
+// The kernels of one instruction set (those not built on this platform are absent).
+LaneKernels lane_kernels_generic();
+#if defined(__x86_64__) && defined(__GNUC__)
+LaneKernels lane_kernels_avx2();
+LaneKernels lane_kernels_avx512();
+#endif
+
+// Returns the fastest kernels the running CPU supports (decided once).
+const LaneKernels& lane_kernels();
+
+}  // namespace tdmpc2_moe
