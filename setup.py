@@ -22,7 +22,8 @@ def extensions():
 	cuda = use_cuda()
 	sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 	# -fno-trapping-math lets gcc if-convert and vectorise the branch-free exp of gate_row.h.
-	cxx = ["-O3", "-fno-trapping-math"]
+	# -fno-wrapv undoes Python's -fwrapv: with wrapping int indices gcc cannot vectorise the lane loops.
+	cxx = ["-O3", "-fno-trapping-math", "-fno-wrapv"]
 	args = {"cxx": cxx}
 	if cuda:
 		sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/binding.cpp"]

@@ -22,7 +22,7 @@ constexpr int kFlushBlocks = 64;
 
 // Transposes rows r0..r0+L of src [n, e] divided by t into x (rows past n repeat row n-1, so
 // every lane holds a real row; their results are dropped).
-inline void load_block(const float* src, int64_t r0, int64_t n, int e, float t, float* x) {
+inline void load_block(const float* __restrict src, int64_t r0, int64_t n, int e, float t, float* __restrict x) {
 	int64_t off[L];
 	for (int l = 0; l < L; ++l) off[l] = (r0 + l < n ? r0 + l : n - 1) * e;
 	if (t == 1.f) {
@@ -35,7 +35,8 @@ inline void load_block(const float* src, int64_t r0, int64_t n, int e, float t, 
 }
 
 // gate_softmax for the L rows of x, in place. Writes each row's max to m and its sum of exp to s.
-inline void softmax_block(float* x, int e, float* m, float* s) {
+// The block helpers are kept out of line: inlined into the row loops, gcc stops vectorising them.
+__attribute__((noinline)) void softmax_block(float* __restrict x, int e, float* __restrict m, float* __restrict s) {
 	for (int l = 0; l < L; ++l) {
 		m[l] = -INFINITY;
 		s[l] = 0.f;
@@ -59,7 +60,8 @@ inline void softmax_block(float* x, int e, float* m, float* s) {
 // ascending expert order keeps the largest key, the first one seen winning ties (the lower index).
 // pi < 0 means "no previous pick" (pk = +inf). Writes the expert to pi, its key to pk and its
 // probability to pv.
-inline void select_next_block(const float* p, int e, float* pk, int32_t* pi, float* pv) {
+__attribute__((noinline)) void select_next_block(const float* __restrict p, int e, float* __restrict pk, int32_t* __restrict pi,
+		float* __restrict pv) {
 	float bk[L], bv[L];
 	int32_t bi[L];
 	for (int l = 0; l < L; ++l) {
@@ -69,9 +71,11 @@ inline void select_next_block(const float* p, int e, float* pk, int32_t* pi, flo
 	}
 	for (int j = 0; j < e; ++j)
 		for (int l = 0; l < L; ++l) {
-			const float v = p[j * L + l], key = gate_key(v);
-			const bool after = (key < pk[l]) | ((key == pk[l]) & (j > pi[l]));
-			const bool take = after & ((key > bk[l]) | (bi[l] < 0));
+			const float v = p[j * L + l], key = gate_key(v), prev_key = pk[l];
+			const int32_t prev_i = pi[l];
+			const bool after = (key < prev_key) | ((key == prev_key) & (j > prev_i));
+			const bool better = (key > bk[l]) | (bi[l] < 0);
+			const bool take = after & better;
 			bk[l] = take ? key : bk[l];
 			bv[l] = take ? v : bv[l];
 			bi[l] = take ? j : bi[l];
