@@ -8,8 +8,10 @@ What `patch()` changes in an unmodified TD-MPC2 checkout, and nothing else.
   other call (Q-functions included) is upstream's `mlp`, untouched. The result is checked after
   construction, so a head that could not be identified raises instead of silently staying plain.
 - `WorldModel.__init__`: the above, plus `moe_init_experts` / `moe_freeze_experts`.
-- `TDMPC2`: `__init__` (device, `memory_monitor`), `_update` (MoE metrics as tensors; patched at
-  class level, so `compile=true` compiles the patched function), `update` (steps the monitor,
+  `WorldModel.soft_update_target_Q`: also computes the update's MoE metrics (see below).
+- `TDMPC2`: `__init__` (device, `memory_monitor`), `_update` (MoE metrics as tensors, computed in
+  the compiled graph that ends upstream's `_update`, so the plugin adds no graph; patched at class
+  level, so `compile=true` compiles the patched function), `update` (steps the monitor,
   outside the compiled region), `save` / `load` (MoE settings next to the weights), and the new
   `clear_gate_history()` / `gate_stats()`.
 - `RunningScale.__init__`, `Buffer.__init__` / `Buffer._init`: run on `device` (see upstream.torch_on).
@@ -256,6 +258,8 @@ def _world_model_init(original):
 		finally:
 			_building = previous
 		self.moe_settings = settings
+		# Filled by soft_update_target_Q at the end of each update (see _world_model_soft_update).
+		self.moe_latest_metrics = {}
 		if not settings.use_moe:
 			return
 		built = moe_blocks(self)
@@ -337,11 +341,29 @@ def _agent_init(original, module):
 	return __init__
 
 
+def _world_model_soft_update(original):
+	@functools.wraps(original)
+	def soft_update_target_Q(self):
+		original(self)
+		# Upstream's _update calls this once, after the update's last forward and in the same compiled
+		# graph as _update's closing code, so the metrics computed here join that graph. Computed after
+		# `original(...)` returns in the _update wrapper, they would need a graph of their own: the graph
+		# breaks inside upstream's _update (Q ensemble, backward, optimizer) end dynamo's graph there.
+		self.moe_latest_metrics.update(moe_metrics(self, self.cfg.batch_size))
+	return soft_update_target_Q
+
+
 def _agent_update_inner(original):
 	@functools.wraps(original)
 	def _update(self, *args, **kwargs):
+		latest = self.model.moe_latest_metrics
+		latest.clear()
 		info = original(self, *args, **kwargs)
-		info.update(moe_metrics(self.model, self.cfg.batch_size))
+		# Only dict operations here: a tensor op after `original` would add a compiled graph.
+		if not latest and moe_blocks(self.model):
+			raise RuntimeError("MoE metrics were not computed: upstream's _update did not call "
+							   f"WorldModel.soft_update_target_Q (expected at commit {PINNED_COMMIT})")
+		info.update(latest)
 		return info
 	return _update
 
@@ -423,6 +445,7 @@ def _patch_world_model(module):
 	cls = getattr(module, "WorldModel", None)
 	if isinstance(cls, type):
 		_set(cls, "__init__", _world_model_init(cls.__init__))
+		_set(cls, "soft_update_target_Q", _world_model_soft_update(cls.soft_update_target_Q))
 
 
 def _patch_scale(module):

@@ -35,8 +35,11 @@ inline void load_block(const float* __restrict src, int64_t r0, int64_t n, int e
 }
 
 // gate_softmax for the L rows of x, in place. Writes each row's max to m and its sum of exp to s.
-// The block helpers are kept out of line: inlined into the row loops, gcc stops vectorising them.
-__attribute__((noinline)) void softmax_block(float* __restrict x, int e, float* __restrict m, float* __restrict s) {
+// With psum, also adds each probability times valid[l] (1 for the block's rows, 0 for padding
+// lanes) to psum (same layout as x). The block helpers are kept out of line: inlined into the row
+// loops, gcc stops vectorising them.
+__attribute__((noinline)) void softmax_block(float* __restrict x, int e, float* __restrict m, float* __restrict s,
+		float* __restrict psum, const float* __restrict valid) {
 	for (int l = 0; l < L; ++l) {
 		m[l] = -INFINITY;
 		s[l] = 0.f;
@@ -52,14 +55,24 @@ __attribute__((noinline)) void softmax_block(float* __restrict x, int e, float* 
 		}
 	float inv[L];
 	for (int l = 0; l < L; ++l) inv[l] = 1.f / s[l];
-	for (int j = 0; j < e; ++j)
-		for (int l = 0; l < L; ++l) x[j * L + l] *= inv[l];
+	if (psum) {
+		for (int j = 0; j < e; ++j)
+			for (int l = 0; l < L; ++l) {
+				const float v = x[j * L + l] * inv[l];
+				x[j * L + l] = v;
+				psum[j * L + l] += v * valid[l];
+			}
+	} else {
+		for (int j = 0; j < e; ++j)
+			for (int l = 0; l < L; ++l) x[j * L + l] *= inv[l];
+	}
 }
 
 // The next expert after (pk, pi) in routing order for each row (gate_select_next): one pass in
 // ascending expert order keeps the largest key, the first one seen winning ties (the lower index).
 // pi < 0 means "no previous pick" (pk = +inf). Writes the expert to pi, its key to pk and its
-// probability to pv.
+// probability to pv. First: no previous pick (every entry is "after"), which skips that test.
+template <bool First>
 __attribute__((noinline)) void select_next_block(const float* __restrict p, int e, float* __restrict pk, int32_t* __restrict pi,
 		float* __restrict pv) {
 	float bk[L], bv[L];
@@ -73,7 +86,7 @@ __attribute__((noinline)) void select_next_block(const float* __restrict p, int 
 		for (int l = 0; l < L; ++l) {
 			const float v = p[j * L + l], key = gate_key(v), prev_key = pk[l];
 			const int32_t prev_i = pi[l];
-			const bool after = (key < prev_key) | ((key == prev_key) & (j > prev_i));
+			const bool after = First || (key < prev_key) | ((key == prev_key) & (j > prev_i));
 			const bool better = (key > bk[l]) | (bi[l] < 0);
 			const bool take = after & better;
 			bk[l] = take ? key : bk[l];
@@ -97,14 +110,11 @@ void forward(const LaneForward& a, int64_t begin, int64_t end) {
 	for (int64_t r0 = begin; r0 < end; r0 += L) {
 		const int rows = end - r0 < L ? static_cast<int>(end - r0) : L;
 		load_block(a.logits, r0, a.n, e, a.t, x);
-		alignas(64) float m[L], s[L];
-		softmax_block(x, e, m, s);
-		for (int l = 0; l < rows; ++l) a.lse[r0 + l] = m[l] + logf(s[l]);
 		// Probabilities of the lanes past the block's last row do not count.
-		alignas(64) float valid[L];
+		alignas(64) float m[L], s[L], valid[L];
 		for (int l = 0; l < L; ++l) valid[l] = l < rows ? 1.f : 0.f;
-		for (int j = 0; j < e; ++j)
-			for (int l = 0; l < L; ++l) psum[j * L + l] += x[j * L + l] * valid[l];
+		softmax_block(x, e, m, s, psum, valid);
+		for (int l = 0; l < rows; ++l) a.lse[r0 + l] = m[l] + logf(s[l]);
 		if (++blocks == kFlushBlocks || r0 + L >= end) {
 			for (int j = 0; j < e; ++j) {
 				double acc = 0.0;
@@ -123,8 +133,13 @@ void forward(const LaneForward& a, int64_t begin, int64_t end) {
 		}
 		float* w = a.weights + r0 * k;
 		int64_t* idx = a.indices + r0 * k;
+		// k selection passes of E steps each (vectorised over the block's rows): cheap for the small k
+		// of MoE routing; a fused two-pick pass measured slower (gcc emits masked stores for it).
 		for (int j = 0; j < k; ++j) {
-			select_next_block(x, e, pk, pi, pv);
+			if (j == 0)
+				select_next_block<true>(x, e, pk, pi, pv);
+			else
+				select_next_block<false>(x, e, pk, pi, pv);
 			for (int l = 0; l < L; ++l) top_sum[l] += pv[l];
 			for (int l = 0; l < rows; ++l) {
 				w[l * k + j] = pv[l];
@@ -150,7 +165,7 @@ void backward(const LaneBackward& a, int64_t begin, int64_t end) {
 		const int rows = end - r0 < L ? static_cast<int>(end - r0) : L;
 		load_block(a.logits, r0, a.n, e, a.t, p);
 		alignas(64) float m[L], s[L];
-		softmax_block(p, e, m, s);
+		softmax_block(p, e, m, s, nullptr, nullptr);
 		alignas(64) float gpm_dot_p[L], top_sum[L], gw_dot_top[L], glse[L];
 		for (int l = 0; l < L; ++l) {
 			gpm_dot_p[l] = 0.f;
