@@ -20,7 +20,7 @@ def use_cuda():
 
 def extensions():
 	cuda = use_cuda()
-	sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+	sources = ["csrc/ops.cpp", "csrc/eager_autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 	# -fno-trapping-math lets gcc if-convert and vectorise the branch-free exp of gate_row.h.
 	# -fno-wrapv undoes Python's -fwrapv: with wrapping int indices gcc cannot vectorise the lane loops.
 	cxx = ["-O3", "-fno-trapping-math", "-fno-wrapv"]

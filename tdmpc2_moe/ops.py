@@ -71,9 +71,13 @@ def topk_gate(logits, k, *, temperature=1.0, renormalize=True, history=None) -> 
 			with torch.no_grad():
 				record_reference(history.ring, history.cursor, gate.weights, gate.indices)
 		return gate
+	# Eager calls take the C++ autograd ops (same kernels, no Python autograd kernel around them);
+	# torch.compile traces the registered ops, whose fake and autograd registrations are Python.
+	eager = not torch.compiler.is_compiling()
 	if history is None:
-		return Gate(*_topk_gate(logits, k, temperature, renormalize))
-	return Gate(*_topk_gate_record(logits, k, temperature, renormalize, history.ring, history.cursor))
+		return Gate(*(_topk_gate_eager if eager else _topk_gate)(logits, k, temperature, renormalize))
+	record = _topk_gate_record_eager if eager else _topk_gate_record
+	return Gate(*record(logits, k, temperature, renormalize, history.ring, history.cursor))
 
 
 def _outputs_like(logits, k):
@@ -136,6 +140,8 @@ if _HAVE_C:
 	_topk_gate = torch.ops.tdmpc2_moe.topk_gate.default
 	_topk_gate_record = torch.ops.tdmpc2_moe.topk_gate_record.default
 	_topk_gate_backward = torch.ops.tdmpc2_moe.topk_gate_backward.default
+	_topk_gate_eager = torch.ops.tdmpc2_moe.topk_gate_eager.default
+	_topk_gate_record_eager = torch.ops.tdmpc2_moe.topk_gate_record_eager.default
 	torch.library.register_fake("tdmpc2_moe::topk_gate", _gate_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_record", _record_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_backward", _backward_fake)

@@ -15,6 +15,7 @@ import torch
 from tdmpc2_moe import patching
 
 MOE_METRICS = ("moe_aux_loss", "moe_entropy", "moe_max_load")
+_TORCH_COMPILE = torch.compile
 
 
 def _agent(cfg, seed=0):
@@ -50,6 +51,62 @@ def test_plain_agent_info_has_no_moe_metrics(walker_cfg, make_buffer):
 	info = agent.update(make_buffer(cfg))
 	assert not set(MOE_METRICS) & set(info) and torch.isfinite(info["total_loss"])
 	assert agent.gate_stats() == {}
+
+
+
+def test_update_raises_when_upstream_skips_the_metrics_hook(walker_cfg, make_buffer):
+	# The metrics ride on soft_update_target_Q; an upstream _update that stops calling it must not
+	# silently drop them.
+	cfg = walker_cfg("use_moe=true")
+	agent = _agent(cfg)
+	agent.model.soft_update_target_Q = lambda: None
+	with pytest.raises(RuntimeError, match="soft_update_target_Q"):
+		agent.update(make_buffer(cfg, episodes=1))
+
+def _compiled_update(walker_cfg, make_buffer, monkeypatch, *overrides):
+	"""
+	Returns (info, ExplainOutput) of one update of a `compile=true` agent, with upstream's
+	torch.compile running dynamo with the eager backend (no inductor: seconds, not minutes) and
+	recording every graph it compiled and every graph break, with user stacks.
+	"""
+	from torch._dynamo.backends.debugging import ExplainWithBackend
+	explain = ExplainWithBackend("eager")
+	# Upstream asks for mode="reduce-overhead", which cannot be combined with a backend.
+	monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: _TORCH_COMPILE(fn, backend=explain))
+	torch._dynamo.reset()
+	# num_q=2 and batch_size=8 only shorten tracing; the graph structure is model_size=1's.
+	cfg = walker_cfg("compile=true", "batch_size=8", "num_q=2", *overrides)
+	agent = _agent(cfg)
+	try:
+		info = agent.update(make_buffer(cfg, episodes=1))
+	finally:
+		torch._dynamo.reset()
+	return info, explain.output()
+
+
+def test_compiled_update_runs_the_plugin_without_adding_graphs(walker_cfg, make_buffer, monkeypatch):
+	moe_info, moe = _compiled_update(walker_cfg, make_buffer, monkeypatch, "use_moe=true")
+	plain_info, plain = _compiled_update(walker_cfg, make_buffer, monkeypatch)
+	# The compiled function is the patched _update: its info carries the MoE metrics.
+	assert all(torch.isfinite(moe_info[key]) for key in MOE_METRICS)
+	assert not set(MOE_METRICS) & set(plain_info)
+	package = os.path.dirname(patching.__file__)
+	for reason in moe.break_reasons:
+		frames = [f"{frame.filename}:{frame.lineno}" for frame in reason.user_stack]
+		assert not any(f.startswith(package) for f in frames), f"graph break in the plugin: {reason.reason}\n{frames}"
+	# Upstream's own breaks (Q ensemble, backward, optimizer) stay; the plugin adds no graph or recompile.
+	assert moe.graph_count == plain.graph_count and moe.graph_break_count == plain.graph_break_count, \
+		f"{moe.graph_count} graphs with MoE, {plain.graph_count} without; MoE graphs start at {_graph_starts(moe)}"
+
+
+def _graph_starts(explain):
+	"""Returns the innermost user frame ("file:line in function") of each graph's first traced op."""
+	starts = []
+	for gm in explain.graphs:
+		traces = [n.meta["stack_trace"] for n in gm.graph.nodes if n.meta.get("stack_trace")]
+		frames = [line.strip() for line in traces[0].splitlines() if line.strip().startswith("File")] if traces else []
+		starts.append(frames[-1] if frames else "?")
+	return starts
 
 
 def test_resident_memory_flat_over_2000_updates(walker_cfg, make_buffer):

@@ -215,3 +215,80 @@ def test_nan_and_inf_rows_route_to_valid_experts_and_stay_inside_the_ring(e):
 
 def test_backend_is_cpu_when_extension_is_built():
 	assert backend() == "cpu"
+
+
+def _registered(logits, k, temperature, renormalize, history=None):
+	"""Calls the registered op (the torch.compile path, Python autograd) directly; returns its 5 outputs."""
+	ops = torch.ops.tdmpc2_moe
+	if history is None:
+		return ops.topk_gate(logits, k, temperature, renormalize)
+	return ops.topk_gate_record(logits, k, temperature, renormalize, history.ring, history.cursor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_history", [False, True])
+def test_eager_cpp_autograd_equals_registered_op(dtype, with_history):
+	# Eager topk_gate runs the C++ autograd ops; they must give exactly the registered ops' values,
+	# gradients and ring writes (same kernels), whichever outputs the loss uses.
+	torch.manual_seed(1)
+	x = (torch.randn(70, 8) * 2).to(dtype)
+	cw, cp, cl = torch.randn(70, 3), torch.randn(8), torch.randn(70)
+	eager_hist, reg_hist = (GateHistory(32, 8), GateHistory(32, 8)) if with_history else (None, None)
+	for used in ((0, 2, 4), (4,), (0,)):
+		a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+		got = topk_gate(a, 3, temperature=0.7, renormalize=False, history=eager_hist)
+		want = _registered(b, 3, 0.7, False, reg_hist)
+		for g, w in zip(got, want):
+			assert torch.equal(g, w) and g.requires_grad == w.requires_grad
+		cots = {0: cw, 2: cp, 4: cl}
+		(ga,) = torch.autograd.grad(sum((got[i] * cots[i]).sum() for i in used), a)
+		(gb,) = torch.autograd.grad(sum((want[i] * cots[i]).sum() for i in used), b)
+		assert ga.dtype == dtype and torch.equal(ga, gb)
+	if with_history:
+		assert eager_hist.total == reg_hist.total == 210
+		assert torch.equal(eager_hist.ring, reg_hist.ring)
+
+
+def test_eager_gradient_matches_reference_with_history():
+	torch.manual_seed(2)
+	x = torch.randn(50, 6, requires_grad=True)
+	history = GateHistory(16, 6)
+	gate = topk_gate(x, 2, temperature=1.3, history=history)
+	(grad,) = torch.autograd.grad(gate.weights.sum() + gate.expert_prob_mean.square().sum() + gate.lse.sum(), x)
+	xr = x.detach().clone().requires_grad_()
+	ref = topk_gate_reference(xr, 2, 1.3, True)
+	assert torch.equal(gate.indices, ref.indices)
+	(want,) = torch.autograd.grad(ref.weights.sum() + ref.expert_prob_mean.square().sum() + ref.lse.sum(), xr)
+	torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+	dense = torch.zeros(50, 6).scatter_(1, ref.indices, ref.weights.detach())
+	torch.testing.assert_close(history.snapshot(), dense[-16:])
+	assert history.total == 50
+
+
+def test_eager_without_grad_builds_no_graph():
+	x = torch.randn(20, 5, requires_grad=True)
+	history = GateHistory(8, 5)
+	with torch.no_grad():
+		gates = [topk_gate(x, 2), topk_gate(x, 2, history=history)]
+	gates.append(topk_gate(x.detach(), 2, history=history))
+	for gate in gates:
+		assert all(t.grad_fn is None and not t.requires_grad for t in gate)
+	assert history.total == 40
+	with torch.inference_mode():
+		assert topk_gate(torch.randn(4, 5), 2).weights.is_inference()
+
+
+def test_backward_reads_expanded_and_strided_gradients_in_place():
+	# The CPU kernel reads grad_weights and grad_lse at their strides (autograd passes expanded ones).
+	torch.manual_seed(3)
+	x = torch.randn(37, 9)
+	idx = topk_gate(x, 3).indices
+	bwd = torch.ops.tdmpc2_moe.topk_gate_backward
+	gw, gp, gl = torch.randn(37, 3), torch.randn(9), torch.randn(37)
+	for renorm in (True, False):
+		want = bwd(gw, gp, gl, x, idx, 0.8, renorm)
+		got = bwd(gw.t().contiguous().t(), gp, torch.stack([gl, gl], 1)[:, 1], x, idx, 0.8, renorm)
+		torch.testing.assert_close(got, want, rtol=0, atol=0)
+		ones = bwd(torch.ones(37, 3), gp, torch.ones(37), x, idx, 0.8, renorm)
+		expanded = bwd(torch.ones(()).expand(37, 3), gp, torch.ones(1).expand(37), x, idx, 0.8, renorm)
+		torch.testing.assert_close(expanded, ones, rtol=0, atol=0)

@@ -61,6 +61,7 @@ def _patchable(tdmpc2_root):
 	from tdmpc2 import TDMPC2
 	return {
 		(layers, "mlp"): layers.mlp, (WorldModel, "__init__"): WorldModel.__init__,
+		(WorldModel, "soft_update_target_Q"): WorldModel.soft_update_target_Q,
 		(RunningScale, "__init__"): RunningScale.__init__, (Buffer, "__init__"): Buffer.__init__,
 		(Buffer, "_init"): Buffer._init, (TDMPC2, "__init__"): TDMPC2.__init__, (TDMPC2, "_update"): TDMPC2._update,
 		(TDMPC2, "update"): TDMPC2.update, (TDMPC2, "save"): TDMPC2.save, (TDMPC2, "load"): TDMPC2.load,

@@ -30,9 +30,12 @@ struct LaneForward {
 struct LaneBackward {
 	const float* logits;  // [N, E] contiguous float32
 	float* grad;  // [N, E] output
-	const float* grad_weights;  // [N, k] or null (zero)
-	const float* grad_prob_mean;  // [E], zeros when the gradient is absent
-	const float* grad_lse;  // [N] or null (zero)
+	// Gradients are read through their strides: autograd often hands over expanded ones (the gradient
+	// of a sum has stride 0), which are then read in place instead of being copied first.
+	const float* grad_weights;  // [N, k] at (row, column) strides gw_stride, or null (zero)
+	const float* grad_prob_mean;  // [E] contiguous, zeros when the gradient is absent
+	const float* grad_lse;  // [N] at stride glse_stride, or null (zero)
+	int64_t gw_stride[2], glse_stride;
 	const int64_t* indices;  // [N, k]
 	int64_t n;
 	int e, k;

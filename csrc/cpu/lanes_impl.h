@@ -159,6 +159,7 @@ void forward(const LaneForward& a, int64_t begin, int64_t end) {
 void backward(const LaneBackward& a, int64_t begin, int64_t end) {
 	const int e = a.e, k = a.k;
 	const float inv_t = 1.f / a.t;
+	const int64_t gw0 = a.gw_stride[0], gw1 = a.gw_stride[1];
 	alignas(64) float p[1024 * L], out[1024 * L], g[1024];
 	for (int j = 0; j < e; ++j) g[j] = a.grad_prob_mean[j] * a.inv_rows;
 	for (int64_t r0 = begin; r0 < end; r0 += L) {
@@ -171,7 +172,7 @@ void backward(const LaneBackward& a, int64_t begin, int64_t end) {
 			gpm_dot_p[l] = 0.f;
 			top_sum[l] = 0.f;
 			gw_dot_top[l] = 0.f;
-			glse[l] = a.grad_lse && l < rows ? a.grad_lse[r0 + l] : 0.f;
+			glse[l] = a.grad_lse && l < rows ? a.grad_lse[(r0 + l) * a.glse_stride] : 0.f;
 		}
 		for (int j = 0; j < e; ++j)
 			for (int l = 0; l < L; ++l) gpm_dot_p[l] += p[j * L + l] * a.grad_prob_mean[j];
@@ -181,7 +182,7 @@ void backward(const LaneBackward& a, int64_t begin, int64_t end) {
 				const int64_t i = a.indices[(r0 + l) * k + j];
 				const float top = (i >= 0 && i < e) ? p[i * L + l] : 0.f;
 				top_sum[l] += top;
-				gw_dot_top[l] += (a.grad_weights ? a.grad_weights[(r0 + l) * k + j] : 0.f) * top;
+				gw_dot_top[l] += (a.grad_weights ? a.grad_weights[(r0 + l) * gw0 + j * gw1] : 0.f) * top;
 			}
 		// <g_top, top> vanishes with renormalisation (see gate_row_backward).
 		alignas(64) float shift[L];
@@ -195,7 +196,7 @@ void backward(const LaneBackward& a, int64_t begin, int64_t end) {
 				for (int j = 0; j < k; ++j) {
 					const int64_t i = a.indices[(r0 + l) * k + j];
 					if (i < 0 || i >= e) continue;
-					const float gwj = a.grad_weights[(r0 + l) * k + j];
+					const float gwj = a.grad_weights[(r0 + l) * gw0 + j * gw1];
 					const float g_top = a.renormalize ? (gwj - w_dot) * inv_s : gwj;
 					out[i * L + l] += p[i * L + l] * g_top * inv_t;
 				}

@@ -140,27 +140,29 @@ GateOutputs topk_gate_record_cpu(const at::Tensor& logits, int64_t k, double tem
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> check_backward_args(const std::optional<at::Tensor>& grad_weights,
 		const std::optional<at::Tensor>& grad_prob_mean, const std::optional<at::Tensor>& grad_lse,
-		const at::Tensor& logits, const at::Tensor& indices, double temperature) {
+		const at::Tensor& logits, const at::Tensor& indices, double temperature, bool keep_strides) {
 	TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be 2-D [N, k], got ", indices.sizes());
 	check_gate_args(logits, indices.size(1), temperature);
 	const int64_t n = logits.size(0), e = logits.size(1);
 	TORCH_CHECK_VALUE(indices.size(0) == n && indices.scalar_type() == at::kLong,
 			"indices must be int64 [N=", n, ", k], got ", indices.scalar_type(), " ", indices.sizes());
-	auto as_float = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name) {
+	auto as_float = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name, bool strided) {
 		if (!g.has_value() || !g->defined()) return at::Tensor();
 		TORCH_CHECK_VALUE(g->sizes() == shape, name, " must have shape ", shape, ", got ", g->sizes());
 		TORCH_CHECK_VALUE(g->device() == logits.device(), name, " must be on ", logits.device());
-		return g->to(at::kFloat).contiguous();
+		const at::Tensor f = g->to(at::kFloat);
+		return strided ? f : f.contiguous();
 	};
-	return {as_float(grad_weights, indices.sizes(), "grad_weights"), as_float(grad_prob_mean, {e}, "grad_prob_mean"),
-			as_float(grad_lse, {n}, "grad_lse")};
+	return {as_float(grad_weights, indices.sizes(), "grad_weights", keep_strides),
+			as_float(grad_prob_mean, {e}, "grad_prob_mean", false), as_float(grad_lse, {n}, "grad_lse", keep_strides)};
 }
 
 at::Tensor topk_gate_backward_cpu(const std::optional<at::Tensor>& grad_weights_in,
 		const std::optional<at::Tensor>& grad_prob_mean_in, const std::optional<at::Tensor>& grad_lse_in,
 		const at::Tensor& logits_in, const at::Tensor& indices_in, double temperature, bool renormalize) {
-	const auto [gw, gpm, glse] =
-			check_backward_args(grad_weights_in, grad_prob_mean_in, grad_lse_in, logits_in, indices_in, temperature);
+	// The lane kernels read grad_weights and grad_lse at their strides (no copy of expanded gradients).
+	const auto [gw, gpm, glse] = check_backward_args(grad_weights_in, grad_prob_mean_in, grad_lse_in, logits_in,
+			indices_in, temperature, /*keep_strides=*/true);
 	const at::Tensor logits = logits_in.to(at::kFloat).contiguous();
 	const at::Tensor indices = indices_in.contiguous();
 	const int64_t n = logits.size(0);
@@ -170,8 +172,10 @@ at::Tensor topk_gate_backward_cpu(const std::optional<at::Tensor>& grad_weights_
 	std::vector<float> zeros(gpm.defined() ? 0 : e, 0.f);
 	const LaneBackward args{logits.const_data_ptr<float>(), grad.data_ptr<float>(),
 			gw.defined() ? gw.const_data_ptr<float>() : nullptr, gpm.defined() ? gpm.const_data_ptr<float>() : zeros.data(),
-			glse.defined() ? glse.const_data_ptr<float>() : nullptr, indices.const_data_ptr<int64_t>(), n, e, k,
-			static_cast<float>(temperature), 1.f / static_cast<float>(std::max<int64_t>(n, 1)), renormalize};
+			glse.defined() ? glse.const_data_ptr<float>() : nullptr,
+			{gw.defined() ? gw.stride(0) : 0, gw.defined() ? gw.stride(1) : 0}, glse.defined() ? glse.stride(0) : 0,
+			indices.const_data_ptr<int64_t>(), n, e, k, static_cast<float>(temperature),
+			1.f / static_cast<float>(std::max<int64_t>(n, 1)), renormalize};
 	const LaneKernels& kernels = lane_kernels();
 	if (n <= grain_rows(e))
 		kernels.backward(args, 0, n);

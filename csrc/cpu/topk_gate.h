@@ -22,10 +22,11 @@ at::Tensor topk_gate_backward_cpu(const std::optional<at::Tensor>& grad_weights,
 		const std::optional<at::Tensor>& grad_prob_mean, const std::optional<at::Tensor>& grad_lse,
 		const at::Tensor& logits, const at::Tensor& indices, double temperature, bool renormalize);
 
-// Checks the backward's arguments; returns the gradients as contiguous float32 tensors (undefined if absent).
+// Checks the backward's arguments; returns the gradients as float32 tensors (undefined if absent), contiguous
+// unless `keep_strides` (then grad_weights and grad_lse keep theirs; grad_prob_mean is always contiguous).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> check_backward_args(const std::optional<at::Tensor>& grad_weights,
 		const std::optional<at::Tensor>& grad_prob_mean, const std::optional<at::Tensor>& grad_lse,
-		const at::Tensor& logits, const at::Tensor& indices, double temperature);
+		const at::Tensor& logits, const at::Tensor& indices, double temperature, bool keep_strides = false);
 
 // Argument checks shared by the CPU and CUDA entry points; raise c10::ValueError naming the argument.
 void check_gate_args(const at::Tensor& logits, int64_t k, double temperature);
