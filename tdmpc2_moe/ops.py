@@ -123,6 +123,9 @@ def _setup_context(ctx, inputs, output):
 	ctx.set_materialize_grads(False)
 
 
+# The backward runs eagerly when the compiled forward's graph ends in a break before backward() (as
+# upstream TD-MPC2's _update does): without this, dynamo would compile these frames as extra graphs.
+@torch.compiler.disable
 def _backward(ctx, grad_weights, grad_indices, grad_prob_mean, grad_frac, grad_lse):
 	logits, indices = ctx.saved_tensors
 	grad = None
@@ -132,6 +135,7 @@ def _backward(ctx, grad_weights, grad_indices, grad_prob_mean, grad_frac, grad_l
 	return grad, None, None, None
 
 
+@torch.compiler.disable
 def _backward_record(ctx, *grads):
 	return (*_backward(ctx, *grads), None, None)
 
