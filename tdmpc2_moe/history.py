@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from .checks import check_int
+
 
 class GateHistory(nn.Module):
 	"""
@@ -14,10 +16,8 @@ class GateHistory(nn.Module):
 
 	def __init__(self, capacity, n_experts, device=None, dtype=torch.float32):
 		super().__init__()
-		if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
-			raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-		if not isinstance(n_experts, int) or isinstance(n_experts, bool) or not 1 <= n_experts <= 1024:
-			raise ValueError(f"n_experts must be an int in 1..1024, got {n_experts!r}")
+		check_int("capacity", capacity, 1)
+		check_int("n_experts", n_experts, 1, 1024)
 		if dtype not in (torch.float32, torch.float16, torch.bfloat16):
 			raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
 		self.capacity = capacity

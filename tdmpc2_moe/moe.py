@@ -1,22 +1,12 @@
 """MoEBlock: a Mixture-of-Experts drop-in for TD-MPC2's `layers.mlp`, experts stored batched."""
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_int, check_number
 from .history import GateHistory
 from .ops import topk_gate
-
-
-def _check_int(name, value, low):
-	if isinstance(value, bool) or not isinstance(value, int) or value < low:
-		raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-
-
-def _check_coef(name, value):
-	if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-		raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 class ExpertLinear(nn.Module):
@@ -112,24 +102,17 @@ class MoEBlock(nn.Module):
 		super().__init__()
 		mlp_dims = [mlp_dims] if isinstance(mlp_dims, int) else list(mlp_dims)
 		for i, d in enumerate([in_dim, *mlp_dims, out_dim]):
-			_check_int("in_dim" if i == 0 else "out_dim" if i == len(mlp_dims) + 1 else "mlp_dims", d, 1)
-		_check_int("n_experts", n_experts, 1)
-		if n_experts > 1024:
-			raise ValueError(f"n_experts must be <= 1024, got {n_experts}")
-		_check_int("top_k", top_k, 1)
-		if top_k > n_experts:
-			raise ValueError(f"top_k must be <= n_experts={n_experts}, got {top_k}")
-		if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-				or not math.isfinite(temperature) or temperature <= 0:
-			raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-		_check_coef("aux_coef", aux_coef)
-		_check_coef("zloss_coef", zloss_coef)
-		_check_coef("dropout", dropout)
+			check_int("in_dim" if i == 0 else "out_dim" if i == len(mlp_dims) + 1 else "mlp_dims", d, 1)
+		check_int("n_experts", n_experts, 1, 1024)
+		check_int("top_k", top_k, 1, n_experts)
+		check_number("dropout", dropout, positive=False)
 		if history_rows is not None:
-			_check_int("history_rows", history_rows, 1)
+			check_int("history_rows", history_rows, 1)
 		self.in_dim, self.out_dim = in_dim, out_dim
 		self.n_experts, self.top_k = n_experts, top_k
-		self.temperature, self.aux_coef, self.zloss_coef = float(temperature), float(aux_coef), float(zloss_coef)
+		self.temperature = check_number("temperature", temperature, positive=True)
+		self.aux_coef = check_number("aux_coef", aux_coef, positive=False)
+		self.zloss_coef = check_number("zloss_coef", zloss_coef, positive=False)
 		dims = [in_dim, *mlp_dims, out_dim]
 		layers = [ExpertLinear(n_experts, dims[i], dims[i + 1], norm=True, dropout=dropout * (i == 0))
 				  for i in range(len(dims) - 2)]

@@ -2,20 +2,16 @@
 import collections
 import gc
 import logging
-import math
 import os
 import warnings
 
 import psutil
 import torch
 
+from .checks import check_int, check_number
+
 _MB = 1024 ** 2
 _GB = 1024 ** 3
-
-
-def _check_int(name, value, low):
-	if isinstance(value, bool) or not isinstance(value, int) or value < low:
-		raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _slope(xs, ys):
@@ -38,15 +34,13 @@ class MemoryMonitor:
 
 	def __init__(self, interval=1000, device=None, window=32, threshold_mb_per_1k=5.0, *, min_samples=8,
 				 warmup=1, log=None, source=None):
-		_check_int("interval", interval, 1)
-		_check_int("window", window, 2)
-		_check_int("min_samples", min_samples, 2)
-		_check_int("warmup", warmup, 0)
+		check_int("interval", interval, 1)
+		check_int("window", window, 2)
+		check_int("min_samples", min_samples, 2)
+		check_int("warmup", warmup, 0)
 		if min_samples > window:
 			raise ValueError(f"min_samples must be <= window={window}, got {min_samples}")
-		if isinstance(threshold_mb_per_1k, bool) or not isinstance(threshold_mb_per_1k, (int, float)) \
-				or not math.isfinite(threshold_mb_per_1k) or threshold_mb_per_1k < 0:
-			raise ValueError(f"threshold_mb_per_1k must be a finite number >= 0, got {threshold_mb_per_1k!r}")
+		check_number("threshold_mb_per_1k", threshold_mb_per_1k, positive=False)
 		if source is not None and not callable(source):
 			raise ValueError(f"source must be callable, got {type(source).__name__}")
 		if device is None:

@@ -1,9 +1,9 @@
 """topk_gate: fused top-k softmax gating with statistics and device-side history recording."""
-import math
 import warnings
 
 import torch
 
+from .checks import check_int, check_number
 from .reference import Gate, record_reference, topk_gate_reference
 
 try:
@@ -43,11 +43,8 @@ def _check_args(logits, k, temperature, history):
 	e = logits.shape[1]
 	if not 1 <= e <= 1024:
 		raise ValueError(f"logits must have 1..1024 experts (columns), got {e}")
-	if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= e:
-		raise ValueError(f"k must be an int in 1..E={e}, got {k!r}")
-	if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-			or not math.isfinite(temperature) or temperature <= 0:
-		raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+	check_int("k", k, 1, e)
+	check_number("temperature", temperature, positive=True)
 	if history is not None:
 		if history.n_experts != e:
 			raise ValueError(f"history records {history.n_experts} experts but logits have E={e}")

@@ -23,12 +23,12 @@ import dataclasses
 import functools
 import importlib.abc
 import linecache
-import math
 import re
 import sys
 
 import torch
 
+from .checks import check_int, check_number
 from .moe import MoEBlock
 from .monitor import MemoryMonitor
 from .upstream import PINNED_COMMIT, resolve_device, torch_on
@@ -49,20 +49,6 @@ def _as_bool(key, value):
 	if not isinstance(value, bool):
 		_fail(key, "true or false", value)
 	return value
-
-
-def _as_int(key, value, low, high=None):
-	if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-		_fail(key, f"an int in {low}..{high}" if high is not None else f"an int >= {low}", value)
-	return value
-
-
-def _as_float(key, value, positive):
-	ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
-		and (value > 0 if positive else value >= 0)
-	if not ok:
-		_fail(key, "a finite number > 0" if positive else "a finite number >= 0", value)
-	return float(value)
 
 
 def _as_names(key, value):
@@ -119,7 +105,7 @@ class MoESettings:
 
 	@classmethod
 	def _validated(cls, raw):
-		experts = _as_int("moe_experts", raw["moe_experts"], 1, 1024)
+		experts = check_int("moe_experts", raw["moe_experts"], 1, 1024)
 		heads = _as_names("moe_heads", raw["moe_heads"])
 		for name in heads:
 			if name not in HEADS:
@@ -131,13 +117,13 @@ class MoESettings:
 		return cls(
 			use_moe=_as_bool("use_moe", raw["use_moe"]),
 			moe_experts=experts,
-			moe_top_k=_as_int("moe_top_k", raw["moe_top_k"], 1, experts),
+			moe_top_k=check_int("moe_top_k", raw["moe_top_k"], 1, experts),
 			moe_heads=tuple(dict.fromkeys(heads)),
-			moe_temperature=_as_float("moe_temperature", raw["moe_temperature"], positive=True),
-			moe_aux_coef=_as_float("moe_aux_coef", raw["moe_aux_coef"], positive=False),
-			moe_zloss_coef=_as_float("moe_zloss_coef", raw["moe_zloss_coef"], positive=False),
-			gate_history_rows=_as_int("gate_history_rows", raw["gate_history_rows"], 0),
-			monitor_mem_interval=_as_int("monitor_mem_interval", raw["monitor_mem_interval"], 0),
+			moe_temperature=check_number("moe_temperature", raw["moe_temperature"], positive=True),
+			moe_aux_coef=check_number("moe_aux_coef", raw["moe_aux_coef"], positive=False),
+			moe_zloss_coef=check_number("moe_zloss_coef", raw["moe_zloss_coef"], positive=False),
+			gate_history_rows=check_int("gate_history_rows", raw["gate_history_rows"], 0),
+			monitor_mem_interval=check_int("monitor_mem_interval", raw["monitor_mem_interval"], 0),
 			device=resolve_device(raw["device"]),
 			moe_init_experts=paths,
 			moe_freeze_experts=_as_bool("moe_freeze_experts", raw["moe_freeze_experts"]),
