@@ -95,38 +95,40 @@ GATE_UNROLL
 	return (i >= 0 && i < e) ? a[i] : 0.f;
 }
 
-// Max (NaN never wins, as with fmaxf) and sum of a[0..n), over 8 independent partial results, so
-// a long row is not one serial chain of dependent adds / compares.
+// Reduces a[0..n) with `op` over 8 independent partial results (each starting at `init`), so a long
+// row is not one serial chain of dependent adds / compares.
 constexpr int kLanes = 8;
 
-GATE_HD float gate_row_max(const float* a, int n) {
+template <class Op>
+GATE_HD float gate_row_reduce(const float* a, int n, float init, Op op) {
 	float part[kLanes];
 GATE_UNROLL_LANES
-	for (int l = 0; l < kLanes; ++l) part[l] = -INFINITY;
+	for (int l = 0; l < kLanes; ++l) part[l] = init;
 	int j = 0;
 	for (; j + kLanes <= n; j += kLanes)
 GATE_UNROLL_LANES
-		for (int l = 0; l < kLanes; ++l) part[l] = a[j + l] > part[l] ? a[j + l] : part[l];
-	for (; j < n; ++j) part[0] = a[j] > part[0] ? a[j] : part[0];
-	float m = part[0];
+		for (int l = 0; l < kLanes; ++l) part[l] = op(part[l], a[j + l]);
+	for (; j < n; ++j) part[0] = op(part[0], a[j]);
+	float r = part[0];
 GATE_UNROLL_LANES
-	for (int l = 1; l < kLanes; ++l) m = part[l] > m ? part[l] : m;
-	return m;
+	for (int l = 1; l < kLanes; ++l) r = op(r, part[l]);
+	return r;
+}
+
+// Max in which NaN never wins (as with fmaxf), and plain sum.
+struct GateMax {
+	GATE_HD float operator()(float acc, float v) const { return v > acc ? v : acc; }
+};
+struct GateSum {
+	GATE_HD float operator()(float acc, float v) const { return acc + v; }
+};
+
+GATE_HD float gate_row_max(const float* a, int n) {
+	return gate_row_reduce(a, n, -INFINITY, GateMax());
 }
 
 GATE_HD float gate_row_sum(const float* a, int n) {
-	float part[kLanes];
-GATE_UNROLL_LANES
-	for (int l = 0; l < kLanes; ++l) part[l] = 0.f;
-	int j = 0;
-	for (; j + kLanes <= n; j += kLanes)
-GATE_UNROLL_LANES
-		for (int l = 0; l < kLanes; ++l) part[l] += a[j + l];
-	for (; j < n; ++j) part[0] += a[j];
-	float s = part[0];
-GATE_UNROLL_LANES
-	for (int l = 1; l < kLanes; ++l) s += part[l];
-	return s;
+	return gate_row_reduce(a, n, 0.f, GateSum());
 }
 
 // Turns x (logits already divided by the temperature) into softmax probabilities in place, with
