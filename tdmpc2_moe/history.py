@@ -5,6 +5,11 @@ import torch.nn as nn
 from .checks import check_int
 
 
+def routing_entropy(w, rows):
+	"""Returns the mean routing entropy (nats) of the routing vectors `w` [..., E] over `rows` rows (all-zero rows add nothing)."""
+	return -(w * torch.log(w.clamp(min=1e-12))).sum() / rows
+
+
 class GateHistory(nn.Module):
 	"""
 	Ring buffer of the last `capacity` dense routing vectors ([E] each, the top-k weights scattered
@@ -58,24 +63,22 @@ class GateHistory(nn.Module):
 			rows = torch.cat([self.ring[start:], self.ring[:start]])
 		return rows.float().cpu()
 
-	def _valid_mask(self):
-		filled = torch.clamp(self.cursor, max=self.capacity)
-		return torch.arange(self.capacity, device=self.device) < filled, filled
-
-	def stats(self):
+	def stats(self, last=None):
 		"""
-		Returns per-expert statistics over the rows in the ring, as device tensors (no host sync):
-		`usage` [E] share of routing slots per expert, `mean_weight` [E] mean routing weight,
-		`entropy` [] mean routing entropy (nats), `max_load` [] largest usage share, `rows` [] rows used.
+		Returns per-expert statistics over the latest `last` recorded rows (every row in the ring when
+		None), as device tensors (no host sync): `usage` [E] share of routing slots per expert,
+		`mean_weight` [E] mean routing weight, `entropy` [] mean routing entropy (nats), `max_load` []
+		largest usage share, `rows` [] rows used. A small `last` reads only that many rows back.
 		"""
-		valid, filled = self._valid_mask()
-		w = self.ring.float() * valid.unsqueeze(-1)
+		last = self.capacity if last is None else min(check_int("last", last, 1), self.capacity)
+		back = torch.arange(1, last + 1, device=self.device)
+		w = self.ring.index_select(0, torch.remainder(self.cursor - back, self.capacity)).float()
+		w = w * (back <= self.cursor).unsqueeze(-1)
+		filled = torch.clamp(self.cursor, max=last)
 		rows = filled.clamp(min=1).float()
 		slots = (w > 0).float().sum(0)
 		usage = slots / slots.sum().clamp(min=1)
-		mean_weight = w.sum(0) / rows
-		entropy = -(w * torch.log(w.clamp(min=1e-12))).sum(-1).sum() / rows
-		return {"usage": usage, "mean_weight": mean_weight, "entropy": entropy,
+		return {"usage": usage, "mean_weight": w.sum(0) / rows, "entropy": routing_entropy(w, rows),
 				"max_load": usage.max(), "rows": filled}
 
 	def extra_repr(self):

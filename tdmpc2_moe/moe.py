@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import check_int, check_number
-from .history import GateHistory
+from .history import GateHistory, routing_entropy
 from .ops import topk_gate
 
 
@@ -194,7 +194,7 @@ class MoEBlock(nn.Module):
 		w = gate.weights.to(self._last_mean_weight.dtype)
 		self._last_usage.copy_(gate.expert_frac)
 		self._last_mean_weight.zero_().index_add_(0, gate.indices.reshape(-1), w.reshape(-1)).div_(n)
-		self._last_entropy.copy_(-(w * w.clamp(min=1e-12).log()).sum() / n)
+		self._last_entropy.copy_(routing_entropy(w, n))
 
 	def stats(self):
 		"""

@@ -267,18 +267,8 @@ def recent_routing(block, rows):
 	the ring costs microseconds; statistics over the whole ring would cost a large part of an update.
 	Without a ring (gate_history_rows=0) the block's latest-batch statistics are returned.
 	"""
-	history = block.history
-	if history is None:
-		stats = block.stats()
-		return {"entropy": stats["entropy"], "max_load": stats["max_load"]}
-	rows = min(rows, history.capacity)
-	back = torch.arange(1, rows + 1, device=history.device)
-	w = history.ring.index_select(0, torch.remainder(history.cursor - back, history.capacity)).float()
-	w = w * (back <= history.cursor).unsqueeze(-1)
-	n = torch.clamp(torch.clamp(history.cursor, max=rows), min=1).float()
-	slots = (w > 0).float().sum(0)
-	return {"entropy": -(w * torch.log(w.clamp(min=1e-12))).sum() / n,
-			"max_load": slots.max() / slots.sum().clamp(min=1)}
+	stats = block.stats() if block.history is None else block.history.stats(last=rows)
+	return {"entropy": stats["entropy"], "max_load": stats["max_load"]}
 
 
 def moe_metrics(model, rows):

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import analysis
+from .history import routing_entropy
 
 # Checkpoint key prefix of each head's gate, to recognise MoE checkpoints saved without settings.
 _GATE_PREFIX = {"_encoder.state": "encoder", "_dynamics": "dynamics", "_reward": "reward",
@@ -101,7 +102,7 @@ class GateRecorder:
 			w = history.ring.float() * mask
 			n = torch.clamp(written, min=1).float()
 			self.plan[h][t] = w.sum(0) / n
-			self.plan_entropy[h][t] = -(w * torch.log(w.clamp(min=1e-12))).sum() / n
+			self.plan_entropy[h][t] = routing_entropy(w, n)
 
 	@torch.no_grad()
 	def probe(self, t, model, obs, action, task):

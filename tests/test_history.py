@@ -50,6 +50,23 @@ def test_stats_on_a_hand_made_case():
 	torch.testing.assert_close(history.stats()["entropy"], torch.tensor(math.log(2)))
 
 
+def test_stats_over_the_latest_rows_after_the_ring_wraps():
+	history = GateHistory(8, 4)
+	# 11 one-hot rows (the ring wraps): experts 0 x 7, then 1, 2, 3, 3.
+	topk_gate(torch.eye(4)[[0] * 7 + [1, 2, 3, 3]] * 9.0, 1, history=history)
+	s = history.stats(last=3)
+	torch.testing.assert_close(s["usage"], torch.tensor([0.0, 0.0, 1 / 3, 2 / 3]))
+	torch.testing.assert_close(s["max_load"], torch.tensor(2 / 3))
+	assert int(s["rows"]) == 3
+	# More than the ring holds means the whole ring: the last 8 rows (4 x expert 0, then 1, 2, 3, 3).
+	for last in (8, 100, None):
+		s = history.stats(last=last)
+		torch.testing.assert_close(s["usage"], torch.tensor([0.5, 0.125, 0.125, 0.25]))
+		assert int(s["rows"]) == 8
+	with pytest.raises(ValueError, match="last"):
+		history.stats(last=0)
+
+
 def test_memory_is_fixed_by_capacity():
 	history = GateHistory(1000, 16)
 	for _ in range(20):
