@@ -92,6 +92,11 @@ def _agent(variant, monkeypatch):
 		# Upstream's own update functions on this agent: no MoE metrics, no monitor.
 		agent._update = types.MethodType(patching.original_of(TDMPC2, "_update"), agent)
 		agent.update = types.MethodType(patching.original_of(TDMPC2, "update"), agent)
+		# The MoE metrics are computed in the patched soft_update_target_Q (so they join upstream's
+		# closing compiled graph): upstream's own here too, or "off" would still compute them.
+		from common.world_model import WorldModel
+		agent.model.soft_update_target_Q = types.MethodType(
+			patching.original_of(WorldModel, "soft_update_target_Q"), agent.model)
 	if variant == "leaky_fork_fixed":
 		blocks = [m for m in agent.model.modules() if isinstance(m, LeakyMoEBlock)]
 		update = agent.update
