@@ -15,12 +15,8 @@ import warnings
 import pytest
 import torch
 
+from tdmpc2_moe.baselines import LeakyMoEBlock, plain_mlp
 from tdmpc2_moe.moe import MoEBlock
-
-try:
-	from baselines.leaky_moe import LeakyMoEBlock, plain_mlp
-except ImportError:
-	from benchmarks.baselines.leaky_moe import LeakyMoEBlock, plain_mlp
 
 ACTION_DIM = 6
 LATENT = {384: 128, 512: 512}

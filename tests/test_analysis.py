@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from tdmpc2_moe import analysis
+from tdmpc2_moe import gate_stats as analysis
 from tdmpc2_moe.cli import main as cli_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

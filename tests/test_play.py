@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tdmpc2_moe import analysis, play
+from tdmpc2_moe import gate_stats as analysis
+from tdmpc2_moe.cli import play
 from tdmpc2_moe.cli import main as cli_main
 from tdmpc2_moe.moe import MoEBlock
 from tdmpc2_moe.reference import dense_routing, topk_gate_reference

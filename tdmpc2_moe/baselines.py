@@ -1,7 +1,8 @@
 """
-The fork-style MoE block this package replaces (DESIGN.md sec. 1), re-implemented to measure
-against: a Python list of host copies of every gate, an aux-loss accumulator nothing resets, and
-optionally the fork's patch-up fix. Used only by `tdmpc2-moe demo`, tests and benchmarks.
+Measurement baselines, not API: the fork-style MoE block this package replaces (DESIGN.md sec. 1),
+re-implemented to measure against -- a Python list of host copies of every gate, an aux-loss
+accumulator nothing resets, optionally the fork's patch-up fix -- and a plain TD-MPC2-shaped mlp.
+Used by `tdmpc2-moe demo`, tests and benchmarks (installed, because `demo` needs them).
 """
 import gc
 

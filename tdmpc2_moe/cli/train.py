@@ -15,7 +15,9 @@ import importlib
 import os
 import sys
 
-from . import patching, upstream
+from .. import patching, upstream
+from ..device import torch_on
+from ..settings import MoESettings
 
 
 def _parser():
@@ -59,7 +61,7 @@ def prepare(overrides, path=None):
 	"""
 	from omegaconf import OmegaConf
 	cfg = upstream.compose(overrides, path)
-	settings = patching.MoESettings.resolve(cfg)
+	settings = MoESettings.resolve(cfg)
 	seed_steps = None if OmegaConf.is_missing(cfg, "seed_steps") else cfg.seed_steps
 	if seed_steps is not None and (isinstance(seed_steps, bool) or not isinstance(seed_steps, int) or seed_steps < 0):
 		raise ValueError(f"seed_steps must be an int >= 0, got {seed_steps!r}")
@@ -72,7 +74,7 @@ def run(cfg, settings, seed_steps=None):
 	os.environ.setdefault("MUJOCO_GL", "egl")
 	patching.patch()
 	train_module = importlib.import_module("train")
-	with upstream.torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps):
+	with torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps):
 		train_module.train(cfg)
 
 

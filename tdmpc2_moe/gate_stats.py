@@ -1,5 +1,6 @@
 """
-Statistics and plots of recorded gate weights, and `tdmpc2-moe analyze weight_stats.npz [--out DIR]`.
+Statistics, npz I/O and plots of recorded gate weights: the library half of `tdmpc2-moe play` and
+`tdmpc2-moe analyze` (their commands live in cli/).
 
 `weight_stats.npz` layout (written by `save_weight_stats`, read by `load_weight_stats`):
   heads                  [H] str    names of the MoE heads, in recording order
@@ -16,9 +17,7 @@ Statistics and plots of recorded gate weights, and `tdmpc2-moe analyze weight_st
 The derived arrays are stored for readers of the file; `analyze` recomputes them from the weights,
 so its table is the one `play` printed.
 """
-import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -28,7 +27,7 @@ _DERIVED = ("entropy", "usage", "mean", "std", "dominant", "balanced")
 _PLAN = ("plan_weights", "plan_entropy")
 
 
-def routing_entropy(weights):
+def row_entropy(weights):
 	"""Returns the entropy (nats) of each row of `weights` [T, E], with 0 * log 0 taken as 0."""
 	w = np.asarray(weights, dtype=np.float64)
 	logw = np.log(np.where(w > 0, w, 1.0))
@@ -50,7 +49,7 @@ def weight_statistics(weights, dominance=DOMINANCE):
 		raise ValueError("weights must be finite")
 	t, e = w.shape
 	w64 = w.astype(np.float64)
-	entropy = routing_entropy(w64)
+	entropy = row_entropy(w64)
 	usage = np.bincount(w64.argmax(-1), minlength=e) / t
 	above = w64 > dominance
 	return {
@@ -231,24 +230,3 @@ def check_out_dir(out_dir):
 	except OSError as exc:
 		raise ValueError(f"--out {out_dir!r} is not writable ({exc.strerror})") from None
 	return out_dir
-
-
-def main(argv=None):
-	"""`tdmpc2-moe analyze weight_stats.npz [--out DIR]`; returns the process exit code."""
-	parser = argparse.ArgumentParser(prog="tdmpc2-moe analyze",
-									 description="Summary table and plots of the gate weights in a weight_stats.npz.")
-	parser.add_argument("weight_stats", help="a weight_stats.npz written by `tdmpc2-moe play`")
-	parser.add_argument("--out", default=None, help="output directory (default: the file's directory)")
-	args = parser.parse_args(argv)
-	try:
-		per_head, episode_lengths, dominance = load_weight_stats(args.weight_stats)
-		out_dir = check_out_dir(args.out or os.path.dirname(os.path.abspath(args.weight_stats)))
-		write_report(out_dir, per_head, episode_lengths, dominance)
-	except (ValueError, OSError) as exc:
-		print(f"tdmpc2-moe analyze: error: {exc}", file=sys.stderr)
-		return 1
-	return 0
-
-
-if __name__ == "__main__":
-	sys.exit(main())

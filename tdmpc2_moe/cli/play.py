@@ -20,12 +20,10 @@ import sys
 import numpy as np
 import torch
 
-from . import analysis
-from .history import routing_entropy
+from .. import gate_stats
+from ..heads import HEAD_PREFIX, moe_blocks
+from ..history import routing_entropy
 
-# Checkpoint key prefix of each head's gate, to recognise MoE checkpoints saved without settings.
-_GATE_PREFIX = {"_encoder.state": "encoder", "_dynamics": "dynamics", "_reward": "reward",
-				"_termination": "termination", "_pi": "pi"}
 # Overrides applied before the user's: planning is not compiled for a short evaluation run.
 _PLAY_DEFAULTS = ["compile=false", "enable_wandb=false", "save_video=false"]
 
@@ -62,7 +60,8 @@ def load_checkpoint(path):
 		return state, ["use_moe=true", f"moe_experts={settings['moe_experts']}", f"moe_top_k={settings['moe_top_k']}",
 					   f"moe_heads=[{heads}]", f"moe_temperature={settings['moe_temperature']}"]
 	model = state.get("model", state)
-	gates = {head: model[f"{prefix}.gate.weight"] for prefix, head in _GATE_PREFIX.items()
+	# A MoE head's gate is at `<head prefix>.gate.weight`: it recognises MoE checkpoints saved without settings.
+	gates = {head: model[f"{prefix}.gate.weight"] for head, prefix in HEAD_PREFIX.items()
 			 if f"{prefix}.gate.weight" in model}
 	if not gates:
 		raise PlayError(f"--checkpoint {path!r} has no MoE heads (plain TD-MPC2, use_moe=false); "
@@ -107,8 +106,8 @@ class GateRecorder:
 	@torch.no_grad()
 	def probe(self, t, model, obs, action, task):
 		"""Stores at row `t` each head's routing vector for the real observation `obs` [1, ...] and `action` [1, A]."""
-		from .ops import topk_gate
-		from .reference import dense_routing
+		from ..ops import topk_gate
+		from ..reference import dense_routing
 		multitask = model.cfg.multitask
 		x = model.task_emb(obs, task) if multitask else obs
 		z = model.encode(obs, task)
@@ -190,7 +189,7 @@ def build(args, overrides):
 	Returns `(cfg, env, agent)`: upstream's config with `overrides`, its environment and a patched
 	agent on the chosen device. Raises PlayError for a bad checkout path, override, task or setting.
 	"""
-	from . import upstream
+	from .. import upstream
 	try:
 		cfg = upstream.load_cfg(overrides, args.tdmpc2)
 	except FileNotFoundError as exc:
@@ -221,7 +220,6 @@ def run(args, cfg, env, agent, out_dir):
 	the video (None when none was asked for).
 	"""
 	from tqdm import tqdm
-	from .patching import moe_blocks
 	blocks = moe_blocks(agent.model)
 	device = agent.device
 	steps = min(args.num_steps or cfg.episode_length, cfg.episode_length)
@@ -299,7 +297,7 @@ def parse_args(argv):
 def play(args):
 	"""Runs `tdmpc2-moe play` for parsed `args`; returns the list of written files. Raises PlayError for bad input."""
 	try:
-		out_dir = analysis.check_out_dir(args.out)
+		out_dir = gate_stats.check_out_dir(args.out)
 	except ValueError as exc:
 		raise PlayError(str(exc)) from None
 	state, moe_overrides = load_checkpoint(args.checkpoint)
@@ -312,7 +310,7 @@ def play(args):
 	if args.seed is not None:
 		overrides.append(f"seed={args.seed}")
 	overrides += args.overrides
-	from .patching import is_patched, patch, unpatch
+	from ..patching import is_patched, patch, unpatch
 	patched_here = not is_patched()
 	if patched_here:
 		patch()
@@ -329,7 +327,7 @@ def play(args):
 	finally:
 		if patched_here:
 			unpatch()
-	written = [analysis.save_weight_stats(os.path.join(out_dir, "weight_stats.npz"), per_head, results["episode_lengths"])]
+	written = [gate_stats.save_weight_stats(os.path.join(out_dir, "weight_stats.npz"), per_head, results["episode_lengths"])]
 	results_path = os.path.join(out_dir, "results.npz")
 	with open(results_path, "wb") as f:
 		np.savez_compressed(f, **results)
@@ -337,7 +335,7 @@ def play(args):
 	rewards = ", ".join(f"{r:.1f}" for r in results["episode_rewards"])
 	print(f"task {cfg.task}: {len(results['episode_lengths'])} episode(s), {int(results['episode_lengths'].sum())} steps, "
 		  f"episode rewards [{rewards}]")
-	written += analysis.write_report(out_dir, per_head, results["episode_lengths"])
+	written += gate_stats.write_report(out_dir, per_head, results["episode_lengths"])
 	if video_note is not None:
 		print(video_note)
 		if video_note.startswith("video: "):

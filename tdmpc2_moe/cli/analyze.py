@@ -1,0 +1,27 @@
+"""`tdmpc2-moe analyze weight_stats.npz [--out DIR]`: the summary table and plots of a saved weight_stats.npz."""
+import argparse
+import os
+import sys
+
+from ..gate_stats import check_out_dir, load_weight_stats, write_report
+
+
+def main(argv=None):
+	"""`tdmpc2-moe analyze weight_stats.npz [--out DIR]`; returns the process exit code."""
+	parser = argparse.ArgumentParser(prog="tdmpc2-moe analyze",
+									 description="Summary table and plots of the gate weights in a weight_stats.npz.")
+	parser.add_argument("weight_stats", help="a weight_stats.npz written by `tdmpc2-moe play`")
+	parser.add_argument("--out", default=None, help="output directory (default: the file's directory)")
+	args = parser.parse_args(argv)
+	try:
+		per_head, episode_lengths, dominance = load_weight_stats(args.weight_stats)
+		out_dir = check_out_dir(args.out or os.path.dirname(os.path.abspath(args.weight_stats)))
+		write_report(out_dir, per_head, episode_lengths, dominance)
+	except (ValueError, OSError) as exc:
+		print(f"tdmpc2-moe analyze: error: {exc}", file=sys.stderr)
+		return 1
+	return 0
+
+
+if __name__ == "__main__":
+	sys.exit(main())
