@@ -3,15 +3,13 @@ import warnings
 
 import torch
 
+from ._extension import load_compiled
 from .checks import check_int, check_number
 from .reference import Gate, record_reference, topk_gate_reference
 
-try:
-	from . import _C  # noqa: F401  (importing registers torch.ops.tdmpc2_moe.*)
-	_HAVE_C = True
-except ImportError as exc:
-	_HAVE_C = False
-	_IMPORT_ERROR = exc
+# Loading the extension registers torch.ops.tdmpc2_moe.*; None (with the reason) means the reference runs.
+_C, _WHY_REFERENCE = load_compiled()
+_HAVE_C = _C is not None
 
 _warned = False
 
@@ -25,12 +23,24 @@ def backend():
 	return "cpu"
 
 
+def backend_reason():
+	"""Returns one line saying why `backend()` is what it is (and so why it is not "cuda")."""
+	if not _HAVE_C:
+		return _WHY_REFERENCE
+	if not getattr(_C, "WITH_CUDA", False):
+		return "the extension was built without CUDA kernels (a CPU-only torch, or no nvcc at build time)"
+	if not torch.cuda.is_available():
+		return "the extension has CUDA kernels, but torch sees no CUDA device"
+	return "the extension has CUDA kernels and a CUDA device is available"
+
+
 def _warn_reference():
 	global _warned
 	if not _warned:
 		_warned = True
-		warnings.warn(f"tdmpc2_moe._C is not built ({_IMPORT_ERROR}); topk_gate runs the plain-PyTorch "
-					  "reference. Build with `pip install --no-build-isolation .`", RuntimeWarning, stacklevel=3)
+		warnings.warn(f"{_WHY_REFERENCE}; topk_gate runs the plain-PyTorch reference (slower). Build it with "
+					  "`pip install --no-build-isolation .` next to torch, or install a C++ compiler and ninja "
+					  "for the build on first import", RuntimeWarning, stacklevel=3)
 
 
 def _check_args(logits, k, temperature, history):
