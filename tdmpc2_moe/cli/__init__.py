@@ -7,6 +7,7 @@ COMMANDS = {
 	"play": ("tdmpc2_moe.cli.play", "run a checkpoint and record how the gates weigh the experts"),
 	"analyze": ("tdmpc2_moe.cli.analyze", "summary table and plots from a saved weight_stats.npz"),
 	"demo": ("tdmpc2_moe.cli.demo", "leaky fork-style MoE vs MoEBlock, side by side (no TD-MPC2 needed)"),
+	"doctor": ("tdmpc2_moe.cli.doctor", "what runs and why: versions, backend, checkout, patch, rendering"),
 }
 
 
