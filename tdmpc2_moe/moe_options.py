@@ -127,17 +127,21 @@ class AdaptiveTemperature(nn.Module):
 		Returns `logits / tau`. topk_gate then runs at temperature 1.0, so the gate sees the same
 		softmax(logits / tau) without reading tau on the host; the division is part of the graph and
 		the gradient reaches the logits scaled by 1 / tau, as through topk_gate's own temperature.
-		tau is cloned so that `step()`'s in-place update cannot invalidate the saved tensor.
 		"""
-		return logits / self.tau.clone().to(logits.dtype)
+		return logits / self.tau.to(logits.dtype)
 
 	@torch.no_grad()
 	def step(self, weights):
-		"""Moves tau towards the target entropy from the routing `weights` [N, k] of a training forward."""
+		"""
+		Moves tau towards the target entropy from the routing `weights` [N, k] of a training forward.
+		The new tau is a new tensor bound to the buffer's name, not written into the old one: the
+		backward of this forward still needs the tau it divided by, and compiled graphs (AOTAutograd)
+		save that buffer itself for backward, so an in-place write would hand backward the new value.
+		"""
 		entropy = routing_entropy(weights.to(self.tau.dtype), max(weights.shape[0], 1))
 		move = self.rate * torch.tanh(self.target - entropy)
 		move = torch.where(self.forwards >= self.freeze, move, torch.zeros_like(move))
-		self.tau.copy_(torch.clamp(self.tau + move, *self.bounds))
+		self.tau = torch.clamp(self.tau + move, *self.bounds)
 		self.forwards.add_(1)
 
 	def extra_repr(self):
