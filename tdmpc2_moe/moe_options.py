@@ -5,6 +5,7 @@ balance term and the adaptive temperature. MoEBlock (moe.py) wires them in; with
 them is built and the block is the plain top-k MoE of DESIGN.md 5.
 """
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,11 @@ BALANCES = ("switch", "kl")
 KL_EPS = 1e-9
 """Added to the mean expert probabilities before their log (as the fork did): a starved expert
 gives a large but finite KL term, and its gradient keeps pushing probability back to it."""
+
+
+def _is_pair(value):
+	# Any sequence (tuple, list, OmegaConf's ListConfig from a YAML config) of two items, not a string.
+	return isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2
 
 
 def _check_bool(name, value):
@@ -44,13 +50,13 @@ def check_options(*, in_dim, mlp_dims, out_dim, n_experts, top_k, temperature, b
 			raise ValueError(f"orthogonal=True needs n_experts <= the width of the mixed features ({what}={width}), "
 							 f"got n_experts={n_experts}: at most {width} vectors of width {width} can be orthonormal")
 	if gate_dims is not None:
-		if not isinstance(gate_dims, (tuple, list)) or len(gate_dims) != 2 \
+		if not _is_pair(gate_dims) \
 				or not all(isinstance(v, int) and not isinstance(v, bool) for v in gate_dims) \
 				or not 0 <= gate_dims[0] < gate_dims[1] <= in_dim:
 			raise ValueError(f"gate_dims must be None or (start, stop) with 0 <= start < stop <= in_dim={in_dim}, "
 							 f"got {gate_dims!r}")
 		gate_dims = tuple(gate_dims)
-	if not isinstance(temperature_bounds, (tuple, list)) or len(temperature_bounds) != 2:
+	if not _is_pair(temperature_bounds):
 		raise ValueError(f"temperature_bounds must be (low, high), got {temperature_bounds!r}")
 	low = check_number("temperature_bounds", temperature_bounds[0], positive=True)
 	high = check_number("temperature_bounds", temperature_bounds[1], positive=True)
