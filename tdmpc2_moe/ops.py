@@ -163,3 +163,33 @@ if _HAVE_C:
 	_lib = torch.library.Library("tdmpc2_moe", "IMPL")
 	_lib.impl("topk_gate_record", make_autograd_impl(_topk_gate_record, Info(_backward_record, _setup_context)),
 			  "Autograd", with_keyset=True)
+
+
+# --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
+# Kept apart from the gating code above. Plain PyTorch: benchmarks/test_orthonormalize.py measures it
+# against torch.compile of the same code and against a MoE update (README there says why no kernel).
+from .reference import ORTHONORMALIZE_EPS, orthonormalize_reference  # noqa: E402
+
+
+def orthonormalize(features, *, eps=ORTHONORMALIZE_EPS):
+	"""
+	Orthonormalises, per row, the E expert feature vectors that a MoE mixes (Gram-Schmidt in expert
+	order, as MOORE, Hendawy et al. 2024). `features` is [E, N, D] (expert-major: expert e's feature of
+	row n is `features[e, n]`), floating point, E <= D. Returns [E, N, D] in the input's dtype whose E
+	vectors are orthonormal for every row, differentiable. Degenerate vectors (zero, or (near-)parallel
+	to the earlier experts' span: residual norm below `eps`) come out as residual / eps, shorter than 1
+	and orthogonal to the earlier ones (zero for a zero residual), with finite values and gradients;
+	see `orthonormalize_reference`, which this runs.
+	"""
+	if not isinstance(features, torch.Tensor):
+		raise ValueError(f"features must be a tensor, got {type(features).__name__}")
+	if features.dim() != 3:
+		raise ValueError(f"features must be 3-D [E, N, D], got shape {tuple(features.shape)}")
+	if not features.is_floating_point():
+		raise ValueError(f"features must be floating point, got {features.dtype}")
+	e, _, d = features.shape
+	if e > d:
+		raise ValueError(f"features: n_experts E={e} exceeds the feature width D={d}; at most D vectors "
+						 "of width D can be orthonormal")
+	check_number("eps", eps, positive=True)
+	return orthonormalize_reference(features, float(eps))
