@@ -47,6 +47,37 @@ def head_of_caller(frame):
 	return match.group(1) if match and match.group(1) in HEADS else None
 
 
+def training_forwards_per_update(head, cfg):
+	"""
+	Returns how many training forwards (grad enabled) `head` runs in one upstream update: the dynamics
+	head once per step of the `horizon`-step latent rollout, every other head once. Used to express
+	`moe_temperature_freeze`, counted by the block in training forwards, in updates.
+	"""
+	return int(cfg.horizon) if head == "dynamics" else 1
+
+
+def task_columns(head, in_dim, cfg):
+	"""
+	Returns the (start, stop) input columns of `head` that hold the task embedding of a multitask
+	agent: upstream appends it to the latent (or observation), and dynamics and reward then append the
+	action, so there it sits before the action's columns; elsewhere it is the last `task_dim` columns.
+	"""
+	task_dim = int(cfg.task_dim)
+	if head in ("dynamics", "reward"):
+		start = int(cfg.latent_dim)
+		return start, start + task_dim
+	return in_dim - task_dim, in_dim
+
+
+def block_options(settings, head, in_dim, cfg):
+	"""Returns the MoEBlock keyword arguments of MoE head `head` with input width `in_dim` in the model of `cfg`."""
+	kwargs = settings.block_kwargs()
+	kwargs["temperature_freeze"] *= training_forwards_per_update(head, cfg)
+	if settings.moe_gate_input == "task":
+		kwargs["gate_dims"] = task_columns(head, in_dim, cfg)
+	return kwargs
+
+
 def load_checkpoint(path):
 	"""Returns the checkpoint dict at `path` (torch.load on the CPU, weights_only=True)."""
 	return torch.load(path, map_location="cpu", weights_only=True)

@@ -26,22 +26,25 @@ import torch
 
 from . import _hooks
 from .device import torch_on
-from .heads import built_heads, freeze_experts, head_of_caller, init_experts, moe_blocks, moe_metrics
+from .heads import (block_options, built_heads, freeze_experts, head_of_caller, init_experts, moe_blocks,
+					moe_metrics)
 from .moe import MoEBlock
 from .monitor import MemoryMonitor
 from .settings import MoESettings, check_checkpoint
 from .upstream import PINNED_COMMIT
 
-# Settings of the WorldModel under construction when it uses MoE, else None (construction is single-threaded).
+# (settings, cfg) of the WorldModel under construction when it uses MoE, else None (construction is
+# single-threaded).
 _building = None
 
 
 def _moe_mlp(original):
 	@functools.wraps(original)
 	def mlp(in_dim, mlp_dims, out_dim, act=None, dropout=0.):
-		settings = _building
-		if settings is not None and head_of_caller(sys._getframe(1)) in settings.moe_heads:
-			return MoEBlock(in_dim, mlp_dims, out_dim, act, dropout, **settings.block_kwargs())
+		head = head_of_caller(sys._getframe(1)) if _building is not None else None
+		if head is not None and head in _building[0].moe_heads:
+			settings, cfg = _building
+			return MoEBlock(in_dim, mlp_dims, out_dim, act, dropout, **block_options(settings, head, in_dim, cfg))
 		return original(in_dim, mlp_dims, out_dim, act, dropout)
 	return mlp
 
@@ -51,7 +54,7 @@ def _world_model_init(original):
 	def __init__(self, cfg):
 		global _building
 		settings = MoESettings.resolve(cfg, **_state["keywords"])
-		previous, _building = _building, (settings if settings.use_moe else None)
+		previous, _building = _building, ((settings, cfg) if settings.use_moe else None)
 		try:
 			original(self, cfg)
 		finally:

@@ -23,6 +23,7 @@ import torch
 from .. import gate_stats
 from ..heads import HEAD_PREFIX, moe_blocks
 from ..history import routing_entropy
+from ..settings import checkpoint_overrides
 
 # Overrides applied before the user's: planning is not compiled for a short evaluation run.
 _PLAY_DEFAULTS = ["compile=false", "enable_wandb=false", "save_video=false"]
@@ -56,9 +57,7 @@ def load_checkpoint(path):
 		raise PlayError(f"--checkpoint {path!r} is not a TD-MPC2 checkpoint (expected a dict with a 'model' state dict)")
 	settings = state.get("moe")
 	if isinstance(settings, dict) and settings.get("use_moe"):
-		heads = ",".join(settings["moe_heads"])
-		return state, ["use_moe=true", f"moe_experts={settings['moe_experts']}", f"moe_top_k={settings['moe_top_k']}",
-					   f"moe_heads=[{heads}]", f"moe_temperature={settings['moe_temperature']}"]
+		return state, checkpoint_overrides(settings)
 	model = state.get("model", state)
 	# A MoE head's gate is at `<head prefix>.gate.weight`: it recognises MoE checkpoints saved without settings.
 	gates = {head: model[f"{prefix}.gate.weight"] for head, prefix in HEAD_PREFIX.items()
