@@ -89,6 +89,7 @@ class MoESettings:
 	moe_zloss_coef: float = 0.0
 	gate_history_rows: int = 65536
 	monitor_mem_interval: int = 1000
+	gate_snapshot_interval: int = 0
 	device: object = None
 	moe_init_experts: tuple = ()
 	moe_freeze_experts: bool = False
@@ -160,6 +161,7 @@ class MoESettings:
 			moe_zloss_coef=check_number("moe_zloss_coef", raw["moe_zloss_coef"], positive=False),
 			gate_history_rows=check_int("gate_history_rows", raw["gate_history_rows"], 0),
 			monitor_mem_interval=check_int("monitor_mem_interval", raw["monitor_mem_interval"], 0),
+			gate_snapshot_interval=check_int("gate_snapshot_interval", raw["gate_snapshot_interval"], 0),
 			device=resolve_device(raw["device"]),
 			moe_init_experts=paths,
 			moe_freeze_experts=_as_bool("moe_freeze_experts", raw["moe_freeze_experts"]),
