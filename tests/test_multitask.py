@@ -1,6 +1,7 @@
 """
 Multitask TD-MPC2 with the fork preset: offline training through `tdmpc2-moe train` on a small
-dataset written in upstream's mt30 file format. Needs $TDMPC2_ROOT.
+dataset written in upstream's mt30 file format, and `tdmpc2-moe play` / `analyze` on a multitask
+checkpoint (per-task routing table, task x expert heatmap). Needs $TDMPC2_ROOT.
 
 Upstream trains multitask agents offline from its mt30/mt80 files (`data_dir/*.pt`, tens of GB):
 each a TensorDict of batch [episodes, 501] with obs [.., 24] float32 (zero-padded to the largest
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from tdmpc2_moe import heads
+from tdmpc2_moe import gate_stats, heads
 
 # mt30 task index -> (name, obs dims, action dims), as upstream's make_multitask_env reports them.
 DATA_TASKS = {1: ("walker-walk", 24, 6), 3: ("cheetah-run", 17, 6), 4: ("reacher-easy", 6, 2),
@@ -150,6 +151,64 @@ def test_offline_multitask_training_with_the_fork_preset(walker_cfg, tdmpc2_root
 	# ... and the task does: routing differs between the trained tasks.
 	for name in blocks:
 		assert not torch.allclose(routes[name, 1], routes[name, 10], atol=1e-4)
+
+
+PLAYED = ["walker-walk", "cartpole-swingup", "reacher-easy"]
+
+
+def test_play_and_analyze_a_multitask_checkpoint(walker_cfg, tdmpc2_root, tmp_path, capsys):
+	from tdmpc2 import TDMPC2
+	from tdmpc2_moe import patching
+	from tdmpc2_moe.cli import main as cli_main
+	ckpt = tmp_path / "mt30-fork.pt"
+	torch.manual_seed(0)
+	agent = TDMPC2(_mt30_cfg(walker_cfg, "use_moe=true", "moe_preset=fork"))
+	with torch.no_grad():  # a fresh gate is near uniform for every task; a decisive one, as training makes it
+		for block in heads.moe_blocks(agent.model).values():
+			block.gate.weight.normal_(0.0, 3.0)
+	agent.save(str(ckpt))
+	patching.unpatch()
+	capsys.readouterr()
+	out, steps = tmp_path / "play", 6
+	code = cli_main(["play", "--tdmpc2", str(tdmpc2_root), "--checkpoint", str(ckpt), "--num-steps", str(steps),
+					 "--tasks", "walker-walk,10,reacher-easy", "--device", "cpu", "--show-weights", "--out", str(out),
+					 "task=mt30", "model_size=1", "num_samples=64", "num_elites=8", "num_pi_trajs=8", "iterations=2"])
+	printed = capsys.readouterr().out
+	assert code == 0
+
+	path = str(out / "weight_stats.npz")
+	per_head, lengths, _ = gate_stats.load_weight_stats(path)
+	names, episode_tasks = gate_stats.load_tasks(path)
+	assert names == PLAYED and episode_tasks.tolist() == [0, 1, 2] and lengths.tolist() == [steps] * 3
+	assert set(per_head) == {"dynamics", "reward"}
+	for head, arrays in per_head.items():
+		w = arrays["weights"]
+		assert w.shape == (3 * steps, 4) and (w > 0).all()  # the fork's dense gate
+		np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+		per_task = w.reshape(3, steps, 4)
+		# The gate reads only the task embedding: constant within a task, different between tasks.
+		np.testing.assert_allclose(per_task, np.broadcast_to(per_task[:, :1], per_task.shape), atol=1e-6)
+		assert np.abs(per_task[0, 0] - per_task[1, 0]).max() > 1e-3
+		np.testing.assert_allclose(arrays["task_mean"], per_task.mean(1), atol=1e-6)
+		assert arrays["task_usage"].shape == (3, 4) and arrays["task_entropy"].shape == (3,)
+
+	with np.load(out / "results.npz") as r:
+		assert r["tasks"].tolist() == PLAYED and r["episode_tasks"].tolist() == [0, 1, 2]
+		assert r["actions"].shape == (3 * steps, 6) and r["observations"].shape == (3 * steps, 24)
+		assert (r["actions"][steps:2 * steps, 1:] == 0).all()  # cartpole has one action dim: the rest is masked
+
+	for name in PLAYED:
+		assert sum(line.startswith(f"{name} step ") for line in printed.splitlines()) == steps
+		assert f"task {name}: 1 episode(s), {steps} steps" in printed
+	table = (out / "summary.md").read_text()
+	assert table.strip() in printed and "# Routing per task" in table
+	for name in PLAYED:
+		assert f"| {name} | {steps} |" in table
+	assert (out / "tasks_experts.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+	assert cli_main(["analyze", path, "--out", str(tmp_path / "again")]) == 0
+	assert (tmp_path / "again" / "summary.md").read_text() == table
+	assert (tmp_path / "again" / "tasks_experts.png").is_file()
 
 
 def _run_training(record, capacity, argv):

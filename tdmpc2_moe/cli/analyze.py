@@ -1,9 +1,12 @@
-"""`tdmpc2-moe analyze weight_stats.npz [--out DIR]`: the summary table and plots of a saved weight_stats.npz."""
+"""
+`tdmpc2-moe analyze weight_stats.npz [--out DIR]`: the summary table and plots of a saved
+weight_stats.npz (for a multitask file also the per-task routing table and task x expert heatmap).
+"""
 import argparse
 import os
 import sys
 
-from ..gate_stats import check_out_dir, load_weight_stats, write_report
+from ..gate_stats import check_out_dir, load_tasks, load_weight_stats, write_report
 
 
 def main(argv=None):
@@ -15,8 +18,9 @@ def main(argv=None):
 	args = parser.parse_args(argv)
 	try:
 		per_head, episode_lengths, dominance = load_weight_stats(args.weight_stats)
+		tasks = load_tasks(args.weight_stats)
 		out_dir = check_out_dir(args.out or os.path.dirname(os.path.abspath(args.weight_stats)))
-		write_report(out_dir, per_head, episode_lengths, dominance)
+		write_report(out_dir, per_head, episode_lengths, dominance, tasks=tasks)
 	except (ValueError, OSError) as exc:
 		print(f"tdmpc2-moe analyze: error: {exc}", file=sys.stderr)
 		return 1
