@@ -14,8 +14,16 @@ Statistics, npz I/O and plots of recorded gate weights: the library half of `tdm
   {head}/balanced        []         share of steps where no expert is above the threshold
   {head}/plan_weights    [T, E]     optional: mean routing vector over the planner's samples, per step
   {head}/plan_entropy    [T]        optional: mean routing entropy over the planner's samples, per step
+Multitask files (a multitask checkpoint played over several tasks) add, and change nothing above:
+  tasks                  [K] str    names of the played tasks, in playing order
+  episode_tasks          [n] int64  index into `tasks` of each episode (a task's episodes are
+                                    contiguous; step t belongs to the episode holding it)
+  {head}/task_mean       [K, E]     mean weight of each expert over each task's steps
+  {head}/task_usage      [K, E]     share of each task's steps where the expert has the largest weight
+  {head}/task_entropy    [K]        mean routing entropy over each task's steps (nats)
+A single-task file has none of them (`load_tasks` returns None for it).
 The derived arrays are stored for readers of the file; `analyze` recomputes them from the weights,
-so its table is the one `play` printed.
+so its tables are the ones `play` printed.
 """
 import os
 import tempfile
@@ -25,6 +33,7 @@ import numpy as np
 DOMINANCE = 0.7
 _DERIVED = ("entropy", "usage", "mean", "std", "dominant", "balanced")
 _PLAN = ("plan_weights", "plan_entropy")
+_TASK_DERIVED = ("task_mean", "task_usage", "task_entropy")
 
 
 def row_entropy(weights):
@@ -100,16 +109,88 @@ def summary_table(per_head, dominance=DOMINANCE):
 	return "\n".join(lines)
 
 
-def save_weight_stats(path, per_head, episode_lengths, dominance=DOMINANCE):
+def check_tasks(tasks, episode_lengths):
+	"""
+	Returns `tasks` = (task_names, episode_tasks) as (list of str, int64 array), checked against
+	`episode_lengths`: one task index per episode, each in range, each named task played at least one
+	step. Raises ValueError naming `tasks` otherwise.
+	"""
+	try:
+		names, episode_tasks = tasks
+	except (TypeError, ValueError):
+		raise ValueError(f"tasks must be a pair (task_names, episode_tasks), got {tasks!r}") from None
+	names = [str(n) for n in names]
+	episode_tasks = np.asarray(episode_tasks).reshape(-1)
+	lengths = np.asarray(episode_lengths).reshape(-1)
+	if not names or any("/" in n for n in names):
+		raise ValueError(f"tasks: task_names must be non-empty names without '/', got {names}")
+	if episode_tasks.shape != lengths.shape or not np.issubdtype(episode_tasks.dtype, np.integer):
+		raise ValueError(f"tasks: episode_tasks must hold one integer per episode ({lengths.size}), "
+						 f"got {episode_tasks.dtype} of shape {episode_tasks.shape}")
+	if episode_tasks.size and (episode_tasks.min() < 0 or episode_tasks.max() >= len(names)):
+		raise ValueError(f"tasks: episode_tasks must index task_names (0..{len(names) - 1}), got {episode_tasks.tolist()}")
+	steps = np.bincount(episode_tasks, weights=lengths, minlength=len(names))
+	if (steps == 0).any():
+		raise ValueError(f"tasks: task {names[int(np.flatnonzero(steps == 0)[0])]!r} has no recorded step")
+	return names, episode_tasks.astype(np.int64)
+
+
+def task_statistics(weights, episode_lengths, episode_tasks, n_tasks):
+	"""
+	Returns per-task statistics of routing weights [T, E], step t belonging to the task of its
+	episode: `steps` [K], `mean` [K, E] (mean weight per task and expert), `usage` [K, E] (share of
+	the task's steps where the expert has the largest weight, ties to the lower index) and
+	`entropy` [K] (mean routing entropy, nats). Every task must have at least one step.
+	"""
+	w = np.asarray(weights, dtype=np.float64)
+	e = w.shape[1]
+	step_task = np.repeat(np.asarray(episode_tasks, dtype=np.int64), np.asarray(episode_lengths, dtype=np.int64))
+	steps = np.bincount(step_task, minlength=n_tasks).astype(np.float64)
+	mean = np.stack([np.bincount(step_task, weights=w[:, i], minlength=n_tasks) for i in range(e)], 1) / steps[:, None]
+	top = np.zeros((n_tasks, e))
+	np.add.at(top, (step_task, w.argmax(-1)), 1.0)
+	entropy = np.bincount(step_task, weights=row_entropy(w), minlength=n_tasks) / steps
+	return {"steps": steps.astype(np.int64), "mean": mean, "usage": top / steps[:, None], "entropy": entropy}
+
+
+def task_table(per_head, episode_lengths, tasks):
+	"""
+	Returns the per-task routing table as markdown: per head, one row per task with its steps, the
+	mean weight of every expert, the expert of largest mean weight and the mean routing entropy.
+	`tasks` is (task_names, episode_tasks) as `load_tasks` returns it.
+	"""
+	names, episode_tasks = check_tasks(tasks, episode_lengths)
+	lines = ["# Routing per task", ""]
+	for head, arrays in per_head.items():
+		e = arrays["weights"].shape[1]
+		s = task_statistics(arrays["weights"], episode_lengths, episode_tasks, len(names))
+		lines.append(f"## {head} (mean weight per task and expert, E={e})")
+		lines.append("")
+		header = ["task", "steps"] + [f"expert {i}" for i in range(e)] + ["top expert", "entropy"]
+		lines.append("| " + " | ".join(header) + " |")
+		lines.append("|" + "---|" * len(header))
+		for k, name in enumerate(names):
+			row = [name, str(s["steps"][k])] + [f"{x:.3f}" for x in s["mean"][k]]
+			row += [str(int(s["mean"][k].argmax())), f"{s['entropy'][k]:.3f}"]
+			lines.append("| " + " | ".join(row) + " |")
+		lines.append("")
+	return "\n".join(lines)
+
+
+def save_weight_stats(path, per_head, episode_lengths, dominance=DOMINANCE, tasks=None):
 	"""
 	Writes `per_head` ({head: {"weights": [T, E], optionally "plan_weights" [T, E], "plan_entropy" [T]}})
-	and the derived statistics to `path` (.npz, layout in the module docstring). Returns `path`.
+	and the derived statistics to `path` (.npz, layout in the module docstring). `tasks`, for a
+	multitask run, is (task_names, episode_tasks) and adds the per-task arrays. Returns `path`.
 	"""
 	if not per_head:
 		raise ValueError("per_head must name at least one head")
 	lengths = np.asarray(episode_lengths, dtype=np.int64).reshape(-1)
 	arrays = {"heads": np.array(list(per_head)), "episode_lengths": lengths,
 			  "dominance_threshold": np.float64(dominance)}
+	if tasks is not None:
+		names, episode_tasks = check_tasks(tasks, lengths)
+		arrays.update(tasks=np.array(names), episode_tasks=episode_tasks)
 	for head, data in per_head.items():
 		if "/" in head:
 			raise ValueError(f"per_head names must not contain '/', got {head!r}")
@@ -124,6 +205,10 @@ def save_weight_stats(path, per_head, episode_lengths, dominance=DOMINANCE):
 		for key in _PLAN:
 			if data.get(key) is not None:
 				arrays[f"{head}/{key}"] = np.asarray(data[key], dtype=np.float32)
+		if tasks is not None:
+			t = task_statistics(w, lengths, episode_tasks, len(names))
+			for key in _TASK_DERIVED:
+				arrays[f"{head}/{key}"] = t[key.split("_", 1)[1]]
 	with open(path, "wb") as f:
 		np.savez_compressed(f, **arrays)
 	return path
@@ -153,6 +238,25 @@ def load_weight_stats(path):
 		if per_head[head]["weights"].ndim != 2:
 			raise ValueError(f"path {path!r}: {head}/weights must be [T, E], got shape {per_head[head]['weights'].shape}")
 	return per_head, files["episode_lengths"], float(files["dominance_threshold"])
+
+
+def load_tasks(path):
+	"""
+	Returns (task_names, episode_tasks) of a multitask weight_stats.npz at `path`, None for a
+	single-task one. Raises ValueError when `path` is not a readable weight_stats.npz or its task
+	arrays do not fit its episodes.
+	"""
+	_, episode_lengths, _ = load_weight_stats(path)
+	with np.load(path, allow_pickle=False) as data:
+		if "tasks" not in data.files and "episode_tasks" not in data.files:
+			return None
+		if "tasks" not in data.files or "episode_tasks" not in data.files:
+			raise ValueError(f"path {path!r} has only one of 'tasks' and 'episode_tasks'")
+		tasks = (data["tasks"].tolist(), data["episode_tasks"])
+	try:
+		return check_tasks(tasks, episode_lengths)
+	except ValueError as exc:
+		raise ValueError(f"path {path!r}: {exc}") from None
 
 
 def plot_head(path, head, arrays, episode_lengths, dominance=DOMINANCE):
@@ -201,12 +305,47 @@ def plot_head(path, head, arrays, episode_lengths, dominance=DOMINANCE):
 	return path
 
 
-def write_report(out_dir, per_head, episode_lengths, dominance=DOMINANCE):
+def plot_task_heatmap(path, per_head, episode_lengths, tasks):
+	"""
+	Draws, per head, the mean weight of each expert over each task's steps as a task x expert
+	heatmap (values written in the cells), into one PNG at `path`. `tasks` is (task_names,
+	episode_tasks). Returns `path`.
+	"""
+	from matplotlib.figure import Figure
+
+	names, episode_tasks = check_tasks(tasks, episode_lengths)
+	k = len(names)
+	fig = Figure(figsize=(4 + 2.2 * len(per_head), 1.5 + 0.32 * k), layout="constrained")
+	axes = np.atleast_1d(fig.subplots(1, len(per_head), sharey=True))
+	fig.suptitle("mean gate weight per task and expert")
+	means = {head: task_statistics(arrays["weights"], episode_lengths, episode_tasks, k)["mean"]
+			 for head, arrays in per_head.items()}
+	# One colour scale for all heads, from 0 to the largest mean: dense gates sit near 1/E, and a fixed
+	# 0..1 scale would paint them all alike.
+	top = max(max(float(m.max()) for m in means.values()), 1e-6)
+	for ax, (head, mean) in zip(axes, means.items()):
+		e = mean.shape[1]
+		image = ax.imshow(mean, vmin=0.0, vmax=top, cmap="viridis", aspect="auto", interpolation="nearest")
+		if k * e <= 600:
+			for (r, c), v in np.ndenumerate(mean):
+				ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize="x-small",
+						color="black" if v > 0.6 * top else "white")
+		ax.set(title=head, xlabel="expert", xticks=np.arange(e), yticks=np.arange(k), yticklabels=names)
+	fig.colorbar(image, ax=list(axes), label="mean weight", shrink=0.8)
+	fig.savefig(path, dpi=100)
+	return path
+
+
+def write_report(out_dir, per_head, episode_lengths, dominance=DOMINANCE, tasks=None):
 	"""
 	Prints the summary table, writes it to `out_dir`/summary.md and one PNG per head
-	(`gates_{head}.png`). Returns the list of written paths.
+	(`gates_{head}.png`). For a multitask run, `tasks` = (task_names, episode_tasks) adds the
+	per-task routing table (printed and in summary.md) and `tasks_experts.png`, the task x expert
+	heatmap. Returns the list of written paths.
 	"""
 	table = summary_table(per_head, dominance)
+	if tasks is not None:
+		table += "\n" + task_table(per_head, episode_lengths, tasks)
 	print(table)
 	summary = os.path.join(out_dir, "summary.md")
 	with open(summary, "w") as f:
@@ -214,6 +353,8 @@ def write_report(out_dir, per_head, episode_lengths, dominance=DOMINANCE):
 	written = [summary]
 	for head, arrays in per_head.items():
 		written.append(plot_head(os.path.join(out_dir, f"gates_{head}.png"), head, arrays, episode_lengths, dominance))
+	if tasks is not None:
+		written.append(plot_task_heatmap(os.path.join(out_dir, "tasks_experts.png"), per_head, episode_lengths, tasks))
 	return written
 
 

@@ -1,14 +1,15 @@
 """
 `tdmpc2-moe analyze PATH [--out DIR]`: the summary table and plots of a saved weight_stats.npz
-(written by `play`), or, for a directory, routing over training from its gate snapshots
-(`work_dir` or `work_dir/gates`, written with gate_snapshot_interval=N).
+(written by `play`; for a multitask file also the per-task routing table and task x expert heatmap),
+or, for a directory, routing over training from its gate snapshots (`work_dir` or `work_dir/gates`,
+written with gate_snapshot_interval=N).
 """
 import argparse
 import os
 import sys
 
 from ..gate_snapshots import write_training_report
-from ..gate_stats import check_out_dir, load_weight_stats, write_report
+from ..gate_stats import check_out_dir, load_tasks, load_weight_stats, write_report
 
 
 def main(argv=None):
@@ -24,8 +25,9 @@ def main(argv=None):
 			write_training_report(args.weight_stats, check_out_dir(args.out or args.weight_stats))
 			return 0
 		per_head, episode_lengths, dominance = load_weight_stats(args.weight_stats)
+		tasks = load_tasks(args.weight_stats)
 		out_dir = check_out_dir(args.out or os.path.dirname(os.path.abspath(args.weight_stats)))
-		write_report(out_dir, per_head, episode_lengths, dominance)
+		write_report(out_dir, per_head, episode_lengths, dominance, tasks=tasks)
 	except (ValueError, OSError) as exc:
 		print(f"tdmpc2-moe analyze: error: {exc}", file=sys.stderr)
 		return 1
