@@ -9,6 +9,7 @@ from tdmpc2_moe import gate_stats as analysis
 from tdmpc2_moe.cli import play
 from tdmpc2_moe.cli import main as cli_main
 from tdmpc2_moe.moe import MoEBlock
+from tdmpc2_moe.recording import GateRecorder
 from tdmpc2_moe.reference import dense_routing, topk_gate_reference
 
 MOE_SETTINGS = dict(use_moe=True, moe_experts=4, moe_top_k=2, moe_heads=["dynamics", "reward", "pi"],
@@ -75,7 +76,7 @@ def test_planner_mean_covers_the_rows_written_during_act(rows):
 	block = MoEBlock(5, [7], 3, n_experts=4, top_k=2, history_rows=8)
 	with torch.no_grad():
 		block(torch.randn(6, 5))  # earlier rows, partly overwritten below: the ring wraps
-		recorder = play.GateRecorder({"dynamics": block}, steps=2, device=torch.device("cpu"))
+		recorder = GateRecorder({"dynamics": block}, steps=2, device=torch.device("cpu"))
 		recorder.before_act()
 		x = torch.randn(rows, 5)
 		block(x)
