@@ -83,6 +83,11 @@ class MoESettings:
 	device: object = None
 	moe_init_experts: tuple = ()
 	moe_freeze_experts: bool = False
+	# Long runs (checkpoint.py): write work_dir/checkpoints/latest.pt every N steps (0: never), with
+	# the replay buffer or not, and continue from it.
+	checkpoint_interval: int = 0
+	checkpoint_buffer: bool = False
+	resume: bool = False
 
 	@classmethod
 	def resolve(cls, cfg=None, **keywords):
@@ -127,6 +132,9 @@ class MoESettings:
 			device=resolve_device(raw["device"]),
 			moe_init_experts=paths,
 			moe_freeze_experts=_as_bool("moe_freeze_experts", raw["moe_freeze_experts"]),
+			checkpoint_interval=check_int("checkpoint_interval", raw["checkpoint_interval"], 0),
+			checkpoint_buffer=_as_bool("checkpoint_buffer", raw["checkpoint_buffer"]),
+			resume=_as_bool("resume", raw["resume"]),
 		)
 
 	def block_kwargs(self):

@@ -1,0 +1,398 @@
+"""
+Crash-safe checkpoints of an upstream TD-MPC2 online training run, and resuming from them
+(DESIGN.md 12; `tdmpc2-moe train checkpoint_interval=N [checkpoint_buffer=true] [resume=true]`).
+
+A checkpoint is `work_dir/checkpoints/latest.pt`, written atomically (`atomic_save`: temporary file,
+fsync, rename, fsync of the directory), so a process killed at any moment leaves either the previous
+complete checkpoint or the new one, never a partial file. It holds plain types and tensors only and
+is read with `torch.load(weights_only=True)`:
+- the agent: world model (MoE experts, gates and gate temperatures included), both Adam optimisers,
+  the running Q scale, the planner's warm-start mean, the MoE settings (checked on resume);
+- the run: step and episode counters, elapsed time, the evaluation rows upstream's logger rewrites
+  into eval.csv, and the RNG states of torch (CPU and CUDA), numpy, python and the environment
+  (the action space's generator, which draws the seed-phase random actions, and the dm_control
+  task's generator, which draws each episode's initial state);
+- with `checkpoint_buffer=true`, the filled part of the replay buffer and its write cursor.
+Not in it: gate history rings and the memory monitor (diagnostics, restarted empty), torch.compile
+caches (recompiled), the wandb run (a resumed run starts a new one).
+
+Checkpoints are written at episode ends: upstream's environments cannot be saved mid-episode, so
+`checkpoint_interval=N` writes at the first episode end at least N steps after the previous one.
+Upstream's OnlineTrainer.train cannot be re-entered at a later step (its loop state lives in local
+variables), so with checkpointing `run_online` runs the loop instead: upstream's loop, statement for
+statement (the same evaluations, logs, buffer writes, updates and RNG draws; a test runs both), with
+a checkpoint point after each episode is stored and an entry point there for resuming.
+"""
+import contextlib
+import os
+import random
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = 1
+FILENAME = "latest.pt"
+
+
+class CheckpointError(Exception):
+	"""A checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+def checkpoint_path(work_dir):
+	"""Returns the path of the run's checkpoint, `work_dir/checkpoints/latest.pt`."""
+	return Path(work_dir) / "checkpoints" / FILENAME
+
+
+def _temporary(path):
+	return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove_stale_temporaries(path):
+	"""Deletes temporary files that killed writers of `path` left behind; returns how many."""
+	path = Path(path)
+	stale = list(path.parent.glob(f".{path.name}.tmp-*")) if path.parent.is_dir() else []
+	for p in stale:
+		p.unlink(missing_ok=True)
+	return len(stale)
+
+
+def checksum(obj, crc=0):
+	"""
+	Returns the CRC-32 of a nest of dicts, lists and tuples of tensors and plain values (keys, dtypes,
+	shapes and bytes of every tensor, repr of every other value). torch.load does not check the CRCs
+	of its zip entries, so a flipped byte in tensor data would otherwise load silently.
+	"""
+	if torch.is_tensor(obj):
+		t = obj.detach().cpu().contiguous().reshape(-1)
+		crc = zlib.crc32(f"{t.dtype}{tuple(obj.shape)}".encode(), crc)
+		return zlib.crc32(t.view(torch.uint8).numpy(), crc)
+	if isinstance(obj, dict):
+		for key, value in obj.items():
+			crc = checksum(value, zlib.crc32(repr(key).encode(), crc))
+		return crc
+	if isinstance(obj, (list, tuple)):
+		for value in obj:
+			crc = checksum(value, crc)
+		return zlib.crc32(f"{type(obj).__name__}{len(obj)}".encode(), crc)
+	return zlib.crc32(repr(obj).encode(), crc)
+
+
+def atomic_save(state, path):
+	"""
+	Writes `state` (a dict of tensors and plain values) to `path` with its checksum, so that `path`
+	is never a partial file: the data goes to a temporary file in the same directory, is fsynced,
+	renamed over `path` (atomic on POSIX), and the directory is fsynced so that the rename survives a
+	power cut. Returns the size in bytes.
+	"""
+	path = Path(path)
+	path.parent.mkdir(parents=True, exist_ok=True)
+	tmp = _temporary(path)
+	try:
+		with open(tmp, "wb") as f:
+			torch.save({"format": FORMAT, "crc32": checksum(state), "state": state}, f)
+			f.flush()
+			os.fsync(f.fileno())
+		size = tmp.stat().st_size
+		os.replace(tmp, path)
+	except BaseException:
+		tmp.unlink(missing_ok=True)
+		raise
+	fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+	try:
+		os.fsync(fd)
+	finally:
+		os.close(fd)
+	return size
+
+
+def load(path):
+	"""
+	Returns the state `atomic_save` wrote to `path` (tensors on the CPU), read with weights_only=True
+	and checked against its checksum. Raises FileNotFoundError when there is none and
+	CheckpointError, with a one-line message naming the file, when it is truncated, corrupted, holds
+	other than plain types, or was not written by `atomic_save`.
+	"""
+	path = Path(path)
+	if not path.is_file():
+		raise FileNotFoundError(f"no checkpoint at {path}")
+	damaged = f"{path} is truncated or corrupted and cannot be resumed from"
+	try:
+		saved = torch.load(path, map_location="cpu", weights_only=True)
+	except Exception as exc:  # noqa: BLE001 (a damaged file fails in zipfile, pickle or torch: all mean the same)
+		reason = (str(exc).strip().splitlines() or [""])[0][:160]
+		raise CheckpointError(f"{damaged} ({type(exc).__name__}: {reason}); delete it to start over") from None
+	if not isinstance(saved, dict) or saved.get("format") != FORMAT or "state" not in saved:
+		raise CheckpointError(f"{path} is not a tdmpc2-moe training checkpoint (format {FORMAT})")
+	if checksum(saved["state"]) != saved.get("crc32"):
+		raise CheckpointError(f"{damaged} (checksum mismatch); delete it to start over")
+	return saved["state"]
+
+
+# RNG states -----------------------------------------------------------------------------------------
+
+def _env_generators(env):
+	"""Returns {name: numpy generator} of the RNGs an upstream environment draws from, found along its wrappers."""
+	out, seen, depth = {}, set(), 0
+	while env is not None and id(env) not in seen:
+		seen.add(id(env))
+		candidates = {"np_random": env.__dict__.get("_np_random") if hasattr(env, "__dict__") else None}
+		task = getattr(env, "task", None) if not hasattr(env, "_np_random") else None
+		candidates["task.random"] = getattr(task, "random", None)
+		for space in ("action_space", "observation_space"):
+			own = env.__dict__.get(space) if hasattr(env, "__dict__") else None
+			candidates[f"{space}.np_random"] = getattr(own, "np_random", None) if own is not None else None
+		for name, gen in candidates.items():
+			if isinstance(gen, (np.random.Generator, np.random.RandomState)):
+				out[f"{depth}.{name}"] = gen
+		env, depth = getattr(env, "env", None), depth + 1
+	return out
+
+
+def _generator_state(gen):
+	if isinstance(gen, np.random.Generator):
+		return {"generator": gen.bit_generator.state}
+	kind, keys, pos, has_gauss, gauss = gen.get_state()
+	return {"random_state": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]}
+
+
+def _set_generator_state(gen, state):
+	if "generator" in state:
+		gen.bit_generator.state = state["generator"]
+	else:
+		kind, keys, pos, has_gauss, gauss = state["random_state"]
+		gen.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def rng_state(env=None):
+	"""Returns the RNG states of torch (CPU, and CUDA when initialised), numpy, python and `env` as plain types."""
+	kind, keys, pos, has_gauss, gauss = np.random.get_state()
+	version, internal, gauss_next = random.getstate()
+	state = {"torch": torch.get_rng_state(),
+			 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+			 "python": [version, list(internal), gauss_next],
+			 "env": {name: _generator_state(g) for name, g in _env_generators(env).items()} if env is not None else {}}
+	if torch.cuda.is_available() and torch.cuda.is_initialized():
+		state["cuda"] = torch.cuda.get_rng_state_all()
+	return state
+
+
+def set_rng_state(state, env=None):
+	"""Restores what `rng_state` returned (the environment's generators when `env` has the same ones)."""
+	torch.set_rng_state(state["torch"])
+	if "cuda" in state and torch.cuda.is_available():
+		torch.cuda.set_rng_state_all(state["cuda"])
+	kind, keys, pos, has_gauss, gauss = state["numpy"]
+	np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+	version, internal, gauss_next = state["python"]
+	random.setstate((version, tuple(internal), gauss_next))
+	if env is not None:
+		for name, gen in _env_generators(env).items():
+			if name in state["env"]:
+				_set_generator_state(gen, state["env"][name])
+
+
+# Agent, replay buffer, trainer -----------------------------------------------------------------------
+
+def agent_state(agent):
+	"""Returns the training state of an upstream TDMPC2 agent: model, both optimisers, Q scale, planner mean, MoE settings."""
+	settings = getattr(agent.model, "moe_settings", None)
+	return {"model": agent.model.state_dict(), "optim": agent.optim.state_dict(), "pi_optim": agent.pi_optim.state_dict(),
+			"scale": dict(agent.scale.state_dict()), "prev_mean": agent._prev_mean.detach().clone(),
+			"moe": settings.checkpoint_dict() if settings is not None else None}
+
+
+def restore_agent(agent, state):
+	"""Loads `agent_state` output into `agent`; raises ValueError naming both sides for other MoE settings."""
+	from .patching import check_checkpoint
+	if getattr(agent.model, "moe_settings", None) is not None:
+		check_checkpoint(state, agent.model.moe_settings)
+	agent.model.load_state_dict(state["model"])
+	agent.optim.load_state_dict(state["optim"])
+	agent.pi_optim.load_state_dict(state["pi_optim"])
+	agent.scale.load_state_dict(state["scale"])
+	agent._prev_mean.copy_(state["prev_mean"])
+
+
+def buffer_state(buffer):
+	"""
+	Returns the contents of an upstream Buffer: the filled rows of its storage (nested dict of CPU
+	tensors, in storage order), the writer's cursor and write count, and the episode count.
+	"""
+	rb = getattr(buffer, "_buffer", None)
+	if rb is None:
+		return {"num_eps": buffer.num_eps, "rows": None}
+	n = len(rb._storage)
+	return {"num_eps": buffer.num_eps, "rows": rb._storage._storage[:n].cpu().to_dict(),
+			"cursor": int(rb._writer._cursor), "write_count": int(rb._writer._write_count)}
+
+
+def restore_buffer(buffer, state):
+	"""Refills an empty upstream Buffer from `buffer_state` output: same rows at the same storage positions."""
+	from tensordict import TensorDict
+	if state["rows"] is not None:
+		rows = TensorDict(state["rows"], batch_size=[len(state["rows"]["episode"])])
+		buffer._buffer = buffer._init(rows)
+		buffer._buffer.extend(rows)
+		buffer._buffer._writer._cursor = state["cursor"]
+		buffer._buffer._writer._write_count = state["write_count"]
+	buffer._num_eps = state["num_eps"]
+
+
+def _run_identity(cfg):
+	return {"task": str(cfg.task), "obs": str(cfg.obs), "model_size": cfg.model_size}
+
+
+def collect(trainer, with_buffer):
+	"""Returns everything `restore` needs to continue `trainer` (an upstream OnlineTrainer) from this episode end."""
+	return {"run": _run_identity(trainer.cfg), "step": trainer._step, "episode": trainer._ep_idx,
+			"elapsed_time": time.time() - trainer._start_time,
+			"eval_rows": [[float(v) for v in row] for row in trainer.logger._eval],
+			"agent": agent_state(trainer.agent), "buffer": buffer_state(trainer.buffer) if with_buffer else None,
+			"rng": rng_state(trainer.env)}
+
+
+def restore(trainer, state, path):
+	"""Puts `trainer` in the state `collect` saw. Raises CheckpointError naming `path` for another task or model size."""
+	ours = _run_identity(trainer.cfg)
+	if state["run"] != ours:
+		raise CheckpointError(f"{path} was saved by a run with {state['run']}, this run has {ours}")
+	try:
+		restore_agent(trainer.agent, state["agent"])
+	except ValueError as exc:  # other MoE settings, named on both sides by check_checkpoint
+		raise CheckpointError(f"{path}: {exc}") from None
+	if state["buffer"] is not None:
+		restore_buffer(trainer.buffer, state["buffer"])
+	trainer._step, trainer._ep_idx = state["step"], state["episode"]
+	trainer._start_time = time.time() - state["elapsed_time"]
+	trainer.logger._eval = [np.array(row) for row in state["eval_rows"]]
+	set_rng_state(state["rng"], trainer.env)
+
+
+# The training loop -----------------------------------------------------------------------------------
+
+class Checkpointer:
+	"""Writes a trainer's checkpoint at episode ends, every `interval` steps or more (0: never)."""
+
+	def __init__(self, trainer, interval, with_buffer):
+		self.trainer, self.interval, self.with_buffer = trainer, interval, with_buffer
+		self.path = checkpoint_path(trainer.cfg.work_dir)
+		self.last_step = trainer._step
+
+	def resume(self):
+		"""Restores the trainer from the checkpoint; returns False (and says so) when there is none yet."""
+		remove_stale_temporaries(self.path)
+		try:
+			state = load(self.path)
+		except FileNotFoundError:
+			print(f"resume=true: no checkpoint at {self.path}; starting at step 0", flush=True)
+			return False
+		restore(self.trainer, state, self.path)
+		self.last_step = self.trainer._step
+		kept = "with" if state["buffer"] is not None else "without"
+		print(f"Resumed from {self.path} at step {self.trainer._step:,}, episode {self.trainer._ep_idx} "
+			  f"({kept} replay buffer)", flush=True)
+		return True
+
+	def maybe_save(self):
+		"""Writes the checkpoint when `interval` steps have passed since the last one."""
+		step = self.trainer._step
+		if not self.interval or step - self.last_step < self.interval:
+			return
+		start = time.perf_counter()
+		size = atomic_save(collect(self.trainer, self.with_buffer), self.path)
+		self.last_step = step
+		print(f"Checkpoint at step {step:,}: {self.path} ({size / 1e6:.1f} MB, "
+			  f"{(time.perf_counter() - start) * 1e3:.0f} ms)", flush=True)
+
+
+def run_online(trainer, interval, with_buffer=False, resume=False):
+	"""
+	Trains an upstream OnlineTrainer like its `train()`, writing checkpoints every `interval` steps
+	(at episode ends) and, with `resume`, continuing from the run's checkpoint when there is one.
+	Two differences from upstream, both only where upstream cannot go: updates wait for the buffer's
+	first episode (upstream needs seed_steps >= one episode, and a buffer not kept in the checkpoint
+	restarts empty), and the action space is seeded with cfg.seed (upstream leaves it unseeded, so its
+	seed-phase random actions differ from run to run and a run could not be reproduced).
+	"""
+	cfg, env, agent, buffer, logger = trainer.cfg, trainer.env, trainer.agent, trainer.buffer, trainer.logger
+	env.action_space.seed(cfg.seed)
+	ckpt = Checkpointer(trainer, interval, with_buffer)
+	# True while the loop stands at the checkpoint's episode end: evaluated, logged and stored already.
+	at_checkpoint = resume and ckpt.resume()
+	train_metrics, done, eval_next = {}, True, False
+	while trainer._step <= cfg.steps:
+		if trainer._step % cfg.eval_freq == 0 and not at_checkpoint:
+			eval_next = True
+		if done:
+			if not at_checkpoint:
+				if eval_next:
+					eval_metrics = trainer.eval()
+					eval_metrics.update(trainer.common_metrics())
+					logger.log(eval_metrics, "eval")
+					eval_next = False
+				if trainer._step > 0:
+					if info["terminated"] and not cfg.episodic:
+						raise ValueError("Termination detected but you are not in episodic mode. "
+										 "Set `episodic=true` to enable support for terminations.")
+					train_metrics.update(
+						episode_reward=torch.tensor([td["reward"] for td in trainer._tds[1:]]).sum(),
+						episode_success=info["success"], episode_length=len(trainer._tds),
+						episode_terminated=info["terminated"])
+					train_metrics.update(trainer.common_metrics())
+					logger.log(train_metrics, "train")
+					trainer._ep_idx = buffer.add(torch.cat(trainer._tds))
+				ckpt.maybe_save()
+			at_checkpoint = False
+			obs = env.reset()
+			trainer._tds = [trainer.to_td(obs)]
+
+		if trainer._step > cfg.seed_steps:
+			action = agent.act(obs, t0=len(trainer._tds) == 1)
+		else:
+			action = env.rand_act()
+		obs, reward, done, info = env.step(action)
+		trainer._tds.append(trainer.to_td(obs, action, reward, info["terminated"]))
+
+		if trainer._step >= cfg.seed_steps and buffer.num_eps > 0:
+			if trainer._step == cfg.seed_steps:
+				num_updates = cfg.seed_steps
+				print("Pretraining agent on seed data...")
+			else:
+				num_updates = 1
+			for _ in range(num_updates):
+				_train_metrics = agent.update(buffer)
+			train_metrics.update(_train_metrics)
+		trainer._step += 1
+	logger.finish(agent)
+
+
+def check_supported(cfg, settings):
+	"""Raises ValueError when checkpointing or resume is asked for a run upstream trains offline (multitask)."""
+	if (settings.checkpoint_interval or settings.resume) and cfg.get("task") in ("mt30", "mt80"):
+		raise ValueError(f"checkpoint_interval and resume cover single-task online training; task={cfg.task} "
+						 "runs upstream's offline multitask trainer, which they do not support")
+
+
+@contextlib.contextmanager
+def resumable(train_module, settings):
+	"""
+	While active, upstream's `OnlineTrainer.train` (as `train_module` imported it) runs `run_online`
+	with the settings' checkpoint_interval, checkpoint_buffer and resume; a no-op when all are off.
+	"""
+	if not (settings.checkpoint_interval or settings.resume):
+		yield
+		return
+	cls = train_module.OnlineTrainer
+	original = cls.__dict__["train"]
+
+	def train(self):
+		run_online(self, settings.checkpoint_interval, settings.checkpoint_buffer, settings.resume)
+
+	cls.train = train
+	try:
+		yield
+	finally:
+		cls.train = original
