@@ -343,7 +343,10 @@ def run_online(trainer, interval, with_buffer=False, resume=False):
 						episode_terminated=info["terminated"])
 					train_metrics.update(trainer.common_metrics())
 					logger.log(train_metrics, "train")
-					trainer._ep_idx = buffer.add(torch.cat(trainer._tds))
+					# Upstream assigns buffer.add's episode count; counting here keeps the episode counter
+					# going after a resume whose buffer restarted empty (the same number otherwise).
+					buffer.add(torch.cat(trainer._tds))
+					trainer._ep_idx += 1
 				ckpt.maybe_save()
 			at_checkpoint = False
 			obs = env.reset()
