@@ -225,7 +225,8 @@ def buffer_state(buffer):
 	if rb is None:
 		return {"num_eps": buffer.num_eps, "rows": None}
 	n = len(rb._storage)
-	return {"num_eps": buffer.num_eps, "rows": rb._storage._storage[:n].cpu().to_dict(),
+	# clone(): torch.save writes a view's whole storage, which is the buffer's full capacity.
+	return {"num_eps": buffer.num_eps, "rows": rb._storage._storage[:n].cpu().clone().to_dict(),
 			"cursor": int(rb._writer._cursor), "write_count": int(rb._writer._write_count)}
 
 
