@@ -4,8 +4,9 @@ Crash-safe checkpoints of an upstream TD-MPC2 online training run, and resuming 
 
 A checkpoint is `work_dir/checkpoints/latest.pt`, written atomically (`atomic_save`: temporary file,
 fsync, rename, fsync of the directory), so a process killed at any moment leaves either the previous
-complete checkpoint or the new one, never a partial file. It holds plain types and tensors only and
-is read with `torch.load(weights_only=True)`:
+complete checkpoint or the new one, never a partial file. It holds plain types and tensors only, is
+read with `torch.load(weights_only=True)` and carries a CRC-32 of its contents (`load` turns a
+truncated or corrupted file into a one-line CheckpointError naming it). It holds:
 - the agent: world model (MoE experts, gates and gate temperatures included), both Adam optimisers,
   the running Q scale, the planner's warm-start mean, the MoE settings (checked on resume);
 - the run: step and episode counters, elapsed time, the evaluation rows upstream's logger rewrites
@@ -227,17 +228,29 @@ def buffer_state(buffer):
 	n = len(rb._storage)
 	# clone(): torch.save writes a view's whole storage, which is the buffer's full capacity.
 	return {"num_eps": buffer.num_eps, "rows": rb._storage._storage[:n].cpu().clone().to_dict(),
-			"cursor": int(rb._writer._cursor), "write_count": int(rb._writer._write_count)}
+			"cursor": int(rb._writer._cursor), "write_count": int(rb._writer._write_count), "capacity": buffer.capacity}
 
 
 def restore_buffer(buffer, state):
-	"""Refills an empty upstream Buffer from `buffer_state` output: same rows at the same storage positions."""
+	"""
+	Refills an empty upstream Buffer from `buffer_state` output: same rows at the same storage
+	positions. A run resumed with more `steps` has a larger buffer (capacity min(buffer_size, steps)):
+	that works while the saved buffer had not wrapped around; ValueError otherwise.
+	"""
 	from tensordict import TensorDict
 	if state["rows"] is not None:
-		rows = TensorDict(state["rows"], batch_size=[len(state["rows"]["episode"])])
+		n = len(state["rows"]["episode"])
+		cursor = state["cursor"]
+		if buffer.capacity != state["capacity"]:
+			if state["write_count"] > n or n > buffer.capacity:
+				raise ValueError(f"the saved replay buffer (capacity {state['capacity']:,}, {state['write_count']:,} "
+								 f"rows written) does not fit this run's capacity {buffer.capacity:,} "
+								 "(min(buffer_size, steps)): resume with the same steps and buffer_size")
+			cursor = n % buffer.capacity
+		rows = TensorDict(state["rows"], batch_size=[n])
 		buffer._buffer = buffer._init(rows)
 		buffer._buffer.extend(rows)
-		buffer._buffer._writer._cursor = state["cursor"]
+		buffer._buffer._writer._cursor = cursor
 		buffer._buffer._writer._write_count = state["write_count"]
 	buffer._num_eps = state["num_eps"]
 
@@ -265,7 +278,10 @@ def restore(trainer, state, path):
 	except ValueError as exc:  # other MoE settings, named on both sides by check_checkpoint
 		raise CheckpointError(f"{path}: {exc}") from None
 	if state["buffer"] is not None:
-		restore_buffer(trainer.buffer, state["buffer"])
+		try:
+			restore_buffer(trainer.buffer, state["buffer"])
+		except ValueError as exc:
+			raise CheckpointError(f"{path}: {exc}") from None
 	trainer._step, trainer._ep_idx = state["step"], state["episode"]
 	trainer._start_time = time.time() - state["elapsed_time"]
 	trainer.logger._eval = [np.array(row) for row in state["eval_rows"]]

@@ -179,3 +179,15 @@ def test_run_online_is_upstreams_loop(walker_cfg, tmp_path):
 	assert torch.equal(rng_a, rng_b)
 	saved = checkpoint.load(tmp_path / "run_online" / "checkpoints" / "latest.pt")
 	assert saved["step"] == 1000 and saved["episode"] == 2 and saved["buffer"]["num_eps"] == 2
+
+
+def test_buffer_restores_into_a_longer_run_unless_it_wrapped(walker_cfg, make_buffer):
+	from common.buffer import Buffer
+	saved = checkpoint.buffer_state(make_buffer(walker_cfg("steps=5000"), episodes=2))
+	longer = Buffer(walker_cfg("steps=8000"))
+	checkpoint.restore_buffer(longer, saved)
+	assert longer.num_eps == 2 and len(longer._buffer) == 1002 and longer._buffer._writer._cursor == 1002
+	wrapped = checkpoint.buffer_state(make_buffer(walker_cfg("steps=600"), episodes=2))
+	assert wrapped["write_count"] == 1002 and len(wrapped["rows"]["episode"]) == 600
+	with pytest.raises(ValueError, match="capacity 600"):
+		checkpoint.restore_buffer(Buffer(walker_cfg("steps=8000")), wrapped)
