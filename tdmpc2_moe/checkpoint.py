@@ -135,17 +135,19 @@ def load(path):
 # RNG states -----------------------------------------------------------------------------------------
 
 def _env_generators(env):
-	"""Returns {name: numpy generator} of the RNGs an upstream environment draws from, found along its wrappers."""
+	"""
+	Returns {name: numpy generator} of the RNGs an upstream environment draws from, found along its
+	wrapper chain (`.env`): a gymnasium env's own `_np_random`, the generators of the action and
+	observation spaces on the wrapper that defines them, and a dm_control environment's `task.random`.
+	"""
 	out, seen, depth = {}, set(), 0
 	while env is not None and id(env) not in seen:
 		seen.add(id(env))
-		candidates = {"np_random": env.__dict__.get("_np_random") if hasattr(env, "__dict__") else None}
-		task = getattr(env, "task", None) if not hasattr(env, "_np_random") else None
-		candidates["task.random"] = getattr(task, "random", None)
+		own = getattr(env, "__dict__", {})
+		found = {"np_random": own.get("_np_random"), "task.random": getattr(getattr(env, "task", None), "random", None)}
 		for space in ("action_space", "observation_space"):
-			own = env.__dict__.get(space) if hasattr(env, "__dict__") else None
-			candidates[f"{space}.np_random"] = getattr(own, "np_random", None) if own is not None else None
-		for name, gen in candidates.items():
+			found[f"{space}.np_random"] = getattr(own.get(space), "np_random", None)
+		for name, gen in found.items():
 			if isinstance(gen, (np.random.Generator, np.random.RandomState)):
 				out[f"{depth}.{name}"] = gen
 		env, depth = getattr(env, "env", None), depth + 1

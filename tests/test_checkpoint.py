@@ -81,6 +81,20 @@ def test_rng_state_restores_torch_numpy_python(tmp_path):
 
 # Upstream TD-MPC2 (needs $TDMPC2_ROOT) ------------------------------------------------------------
 
+def test_rng_state_restores_the_environment(walker_cfg):
+	# The action space draws the seed-phase random actions, the dm_control task each episode's start.
+	from envs import make_env
+	env = make_env(walker_cfg())
+	env.action_space.seed(0)
+	assert set(checkpoint._env_generators(env)) >= {"2.action_space.np_random", "3.task.random"}
+	state = checkpoint.rng_state(env)
+	first = [env.rand_act() for _ in range(3)] + [env.reset()]
+	checkpoint.set_rng_state(state, env)
+	second = [env.rand_act() for _ in range(3)] + [env.reset()]
+	assert all(torch.equal(a, b) for a, b in zip(first, second))
+	assert not torch.equal(first[-1], env.reset())  # a later episode starts elsewhere: the check can fail
+
+
 def _params(agent):
 	return {k: v.detach().clone() for k, v in agent.model.state_dict().items() if torch.is_tensor(v)}
 
