@@ -205,3 +205,14 @@ def test_buffer_restores_into_a_longer_run_unless_it_wrapped(walker_cfg, make_bu
 	assert wrapped["write_count"] == 1002 and len(wrapped["rows"]["episode"]) == 600
 	with pytest.raises(ValueError, match="capacity 600"):
 		checkpoint.restore_buffer(Buffer(walker_cfg("steps=8000")), wrapped)
+
+
+def test_train_command_checks_the_checkpoint_keys(tdmpc2_root, capsys):
+	from tdmpc2_moe import training
+	root = ["--tdmpc2", str(tdmpc2_root)]
+	assert training.main([*root, "task=mt30", "checkpoint_interval=1000"]) == 2
+	assert "offline multitask" in capsys.readouterr().err
+	for bad, key in (("checkpoint_interval=-1", "checkpoint_interval"), ("resume=maybe", "resume"),
+					 ("checkpoint_buffer=1", "checkpoint_buffer")):
+		assert training.main([*root, bad]) == 2
+		assert key in capsys.readouterr().err
