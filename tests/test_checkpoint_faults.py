@@ -3,7 +3,7 @@ Fault tests of checkpoint/resume: real `tdmpc2-moe train` processes of upstream 
 killed with SIGKILL at random moments (during a checkpoint write, during updates, anywhere) and
 resumed with resume=true. Needs $TDMPC2_ROOT. Each test prints where its kills landed (pytest -s).
 
-The runs are tiny so that the file takes about two minutes: model_size=1 with 2 experts, horizon 1,
+The runs are tiny (about a minute of CPU time for the file): model_size=1 with 2 experts, horizon 1,
 batch 4, 700 steps with a checkpoint at the first episode end (step 500); seed_steps=0, so that
 updates start at the first stored episode (step 500) instead of upstream's 500-update burst.
 """
@@ -27,19 +27,63 @@ TIMEOUT = 300
 WORK = ("logs", "walker-walk", "1", "default")
 
 
-def _start(root, cwd, *extra):
-	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-	log = open(cwd / "train.log", "a")
-	return subprocess.Popen([sys.executable, "-m", "tdmpc2_moe.cli", "train", "--tdmpc2", str(root), *ARGS, *extra],
-							cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+class _Run:
+	"""One `tdmpc2-moe train` process in `cwd` (unbuffered output appended to cwd/train.log)."""
 
+	def __init__(self, root, cwd, *extra):
+		env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+		self.log = cwd / "train.log"
+		self.offset = self.log.stat().st_size if self.log.exists() else 0
+		with open(self.log, "a") as out:
+			self.proc = subprocess.Popen(
+				[sys.executable, "-m", "tdmpc2_moe.cli", "train", "--tdmpc2", str(root), *ARGS, *extra],
+				cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
-def _finish(proc):
-	try:
-		return proc.wait(timeout=TIMEOUT)
-	except subprocess.TimeoutExpired:
-		proc.kill()
-		pytest.fail(f"training process did not finish within {TIMEOUT} s")
+	def output(self):
+		"""Returns what this process has written so far."""
+		with open(self.log) as f:
+			f.seek(self.offset)
+			return f.read()
+
+	def finish(self):
+		"""Waits for the process; returns its output, failing the test on a timeout or an error exit."""
+		try:
+			code = self.proc.wait(timeout=TIMEOUT)
+		except subprocess.TimeoutExpired:
+			self.proc.kill()
+			pytest.fail(f"training process did not finish within {TIMEOUT} s")
+		assert code == 0, self.output()[-3000:]
+		return self.output()
+
+	def kill(self, path, mode, rng):
+		"""
+		SIGKILLs the process: "write" as soon as its checkpoint temporary file appears; "update" at a
+		random moment once it stands at the step-500 checkpoint (written or resumed from: updates run
+		from there); "any" at a random time after the start. Returns where the kill landed, as observed.
+		"""
+		proc, start = self.proc, time.monotonic()
+		when = start + rng.uniform(1.0, 30.0) if mode == "any" else None
+		while proc.poll() is None and time.monotonic() - start < TIMEOUT:
+			if mode == "write" and (_temporaries(path, proc.pid) or path.exists()):
+				break
+			if mode == "update" and ("Checkpoint at step 500" in self.output() or "Resumed from" in self.output()):
+				time.sleep(rng.uniform(0.0, 3.0))
+				break
+			if when is not None and time.monotonic() >= when:
+				break
+			time.sleep(0.0002 if mode == "write" else 0.01)
+		if proc.poll() is not None:
+			return "after the run had ended"
+		proc.send_signal(signal.SIGKILL)
+		proc.wait(timeout=60)
+		out = self.output()
+		if _temporaries(path, proc.pid):
+			return "during the checkpoint write"
+		if "Checkpoint at step 500" in out or "Resumed from" in out:
+			return "during the updates after step 500"
+		if "Architecture:" in out:
+			return "in the seed phase (steps 0-500)"
+		return "during start-up"
 
 
 def _paths(cwd):
@@ -50,34 +94,6 @@ def _paths(cwd):
 def _temporaries(path, pid="*"):
 	"""Returns the temporary files of writers of `path` (of process `pid` only, when given)."""
 	return list(path.parent.glob(f".{path.name}.tmp-{pid}")) if path.parent.is_dir() else []
-
-
-def _kill(proc, path, mode, rng):
-	"""
-	SIGKILLs `proc`: "write" as soon as a checkpoint temporary file appears; "update" at a random
-	moment after the checkpoint exists (updates run from step 500 on); "any" at a random time after
-	the start. Returns where the kill landed, as observed.
-	"""
-	start = time.monotonic()
-	when = start + rng.uniform(1.0, 12.0) if mode == "any" else None
-	while proc.poll() is None and time.monotonic() - start < TIMEOUT:
-		if mode == "write" and (_temporaries(path, proc.pid) or path.exists()):
-			break
-		if mode == "update" and path.exists():
-			time.sleep(rng.uniform(0.0, 4.0))
-			break
-		if when is not None and time.monotonic() >= when:
-			break
-		time.sleep(0.0002 if mode == "write" else 0.01)
-	if proc.poll() is not None:
-		return "after the run had ended"
-	proc.send_signal(signal.SIGKILL)
-	proc.wait(timeout=60)
-	if _temporaries(path, proc.pid):
-		return "during a checkpoint write"
-	if path.exists():
-		return "after the step-500 checkpoint (during updates)"
-	return "before the first checkpoint (seed phase)"
 
 
 def _model(path):
@@ -96,7 +112,7 @@ def _check_loadable(path):
 def reference(tdmpc2_root, tmp_path_factory):
 	"""An uninterrupted run with checkpoint_buffer=true: returns its work directory."""
 	cwd = tmp_path_factory.mktemp("uninterrupted")
-	assert _finish(_start(tdmpc2_root, cwd, "checkpoint_buffer=true")) == 0, (cwd / "train.log").read_text()[-3000:]
+	_Run(tdmpc2_root, cwd, "checkpoint_buffer=true").finish()
 	return _paths(cwd)[0]
 
 
@@ -105,16 +121,14 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_run(tdmpc2_root, refere
 	work, path = _paths(tmp_path)
 	landed = []
 	for i, mode in enumerate(("write", "any", "update")):
-		proc = _start(tdmpc2_root, tmp_path, "checkpoint_buffer=true", *(["resume=true"] if i else []))
-		landed.append(f"{mode}: {_kill(proc, path, mode, rng)}")
+		run = _Run(tdmpc2_root, tmp_path, "checkpoint_buffer=true", *(["resume=true"] if i else []))
+		landed.append(f"{mode}: {run.kill(path, mode, rng)}")
 		_check_loadable(path)
-	assert _finish(_start(tdmpc2_root, tmp_path, "checkpoint_buffer=true", "resume=true")) == 0, \
-		(tmp_path / "train.log").read_text()[-3000:]
+	out = _Run(tdmpc2_root, tmp_path, "checkpoint_buffer=true", "resume=true").finish()
 	print("\nkills:", "; ".join(landed))
-	log = (tmp_path / "train.log").read_text()
-	assert "Training completed successfully" in log and "Traceback" not in log
+	assert "Training completed successfully" in out and "Traceback" not in out
 	if path.exists():
-		assert "Resumed from" in log and "at step 500, episode 1 (with replay buffer)" in log
+		assert "at step 500, episode 1 (with replay buffer)" in out
 	_check_loadable(path)
 	assert _temporaries(path) == []  # a killed writer's temporary file is removed on resume
 	# The resumed run's updates (500..700) are the uninterrupted run's, bit for bit: same model at the end.
@@ -137,27 +151,23 @@ def test_resumed_model_gives_finite_losses(walker_cfg, reference):
 	assert all(torch.isfinite(v).all() for v in info.values()), info
 
 
-def test_resume_without_buffer_continues_the_step_counter(tdmpc2_root, tmp_path):
-	# Without checkpoint_buffer the buffer restarts empty: the resumed episode collects data with the
-	# restored agent and runs no update before it is stored (step 1000, after this run's end).
+def test_resume_without_buffer_continues_the_step_counter(tdmpc2_root, reference, tmp_path):
+	# The uninterrupted run's step-500 checkpoint without its buffer (as checkpoint_buffer=false writes
+	# it). The buffer restarts empty: the resumed episode collects data with the restored agent and
+	# runs no update before it is stored (step 1000, after this run's end), and the counters go on.
 	work, path = _paths(tmp_path)
-	landed = _kill(_start(tdmpc2_root, tmp_path), path, "update", random.Random())
-	print(f"\nkill: {landed}")
-	_check_loadable(path)
-	assert _finish(_start(tdmpc2_root, tmp_path, "resume=true")) == 0, (tmp_path / "train.log").read_text()[-3000:]
-	log = (tmp_path / "train.log").read_text()
-	if landed != "after the run had ended":
-		assert "at step 500, episode 1 (without replay buffer)" in log
-		saved = checkpoint.load(path)
-		assert saved["buffer"] is None
-		final = _model(work / "models" / "final.pt")
-		for key, value in final.items():
-			assert torch.isfinite(value).all() and torch.equal(value, saved["agent"]["model"][key]), key
+	saved = checkpoint.load(checkpoint.checkpoint_path(reference))
+	saved["buffer"] = None
+	checkpoint.atomic_save(saved, path)
+	out = _Run(tdmpc2_root, tmp_path, "resume=true").finish()
+	assert "at step 500, episode 1 (without replay buffer)" in out and "Training completed successfully" in out
+	final = _model(work / "models" / "final.pt")
+	for key, value in final.items():
+		assert torch.isfinite(value).all() and torch.equal(value, saved["agent"]["model"][key]), key
 
 
 def test_corrupted_checkpoint_is_one_line_naming_it(tdmpc2_root, tmp_path):
 	work, path = _paths(tmp_path)
-	path.parent.mkdir(parents=True)
 	checkpoint.atomic_save({"step": 500}, path)
 	path.write_bytes(path.read_bytes()[:300])
 	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
@@ -167,7 +177,6 @@ def test_corrupted_checkpoint_is_one_line_naming_it(tdmpc2_root, tmp_path):
 	errors = [line for line in out.stderr.splitlines() if line.startswith("tdmpc2-moe train:")]
 	assert len(errors) == 1 and str(path) in errors[0] and "truncated or corrupted" in errors[0]
 	assert "Traceback" not in out.stderr + out.stdout
-
 
 
 def _rewrite_forever(path):
