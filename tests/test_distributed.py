@@ -20,16 +20,21 @@ from tdmpc2_moe.moe import MoEBlock
 WORLD, ROWS, STEPS, LR = 2, 16, 4, 0.05
 # Every dispatch mode MoEBlock offers ("auto" only picks one of the others); None: the block has one.
 DISPATCH = [m for m in ("dense", "sparse") if "dispatch" in inspect.signature(MoEBlock).parameters] or [None]
-# (dispatch, batched, aux_coef, zloss_coef, keep_routing_local)
-CASES = [(d, batched, aux, 0.001, True) for d in DISPATCH for batched in (False, True) for aux in (0.0, 0.05)]
-CASES.append((DISPATCH[0], False, 0.0, 0.0, False))
+# (dispatch, batched, aux_coef, zloss_coef, keep_routing_local, starved): starved gives the gate a
+# bias that no row overcomes, so that expert 3 receives no row on any rank.
+CASES = [(d, batched, aux, 0.001, True, False) for d in DISPATCH for batched in (False, True) for aux in (0.0, 0.05)]
+CASES += [(d, False, 0.0, 0.001, True, True) for d in DISPATCH]
+CASES.append((DISPATCH[0], False, 0.0, 0.0, False, False))
 
 
-def _block(dispatch, batched, aux, zloss):
+def _block(dispatch, batched, aux, zloss, starved):
 	torch.manual_seed(0)
 	kwargs = {} if dispatch is None else {"dispatch": dispatch}
 	block = MoEBlock(8, [16], 4, n_experts=4, top_k=2, aux_coef=aux, zloss_coef=zloss, history_rows=1024, **kwargs)
 	block.batched = batched
+	if starved:
+		with torch.no_grad():
+			block.gate.bias[3] = -100.0
 	return block
 
 
@@ -44,8 +49,8 @@ def _worker(rank, port, out_dir):
 	dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
 							timeout=datetime.timedelta(seconds=60))
 	results = []
-	for dispatch, batched, aux, zloss, local in CASES:
-		block = _block(dispatch, batched, aux, zloss)
+	for dispatch, batched, aux, zloss, local, starved in CASES:
+		block = _block(dispatch, batched, aux, zloss, starved)
 		if local:
 			distributed.keep_routing_local(block)
 		model = torch.nn.parallel.DistributedDataParallel(block)
@@ -90,13 +95,13 @@ def ranks(tmp_path_factory):
 	return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def _single(dispatch, batched, aux, zloss, *, per_rank):
+def _single(dispatch, batched, aux, zloss, starved, *, per_rank):
 	"""
 	Trains one process on the same batches. per_rank=False: one forward of the concatenated batch;
 	True: what DDP computes, one forward and backward per rank's rows (each with its own aux loss)
 	and the mean of their gradients. Returns (block, aux loss of each shard's last forward).
 	"""
-	block = _block(dispatch, batched, aux, zloss)
+	block = _block(dispatch, batched, aux, zloss, starved)
 	opt = torch.optim.SGD(block.parameters(), lr=LR)
 	shard_aux = []
 	for x, y in _data():
@@ -121,15 +126,18 @@ def _assert_params(got, block, **tol):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[
-	f"{d}-{'batched' if b else 'per_expert'}-aux{a}-z{z}-{'local' if loc else 'plain_ddp'}" for d, b, a, z, loc in CASES])
+	f"{d}-{'batched' if b else 'per_expert'}-aux{a}-z{z}-{'local' if loc else 'plain_ddp'}{'-starved' if st else ''}"
+	for d, b, a, z, loc, st in CASES])
 def test_ddp_matches_one_process_on_the_concatenated_batch(ranks, case):
-	dispatch, batched, aux, zloss, local = CASES[case]
+	dispatch, batched, aux, zloss, local, starved = CASES[case]
 	r0, r1 = ranks[0][case], ranks[1][case]
+	if starved:  # expert 3 got no row anywhere, and still a (zero) gradient: DDP needed no flag
+		assert r0["reduced"]["usage"][3] == 0 and r0["reduced"]["mean_weight"][3] == 0
 	# No flag needed: every parameter gets a gradient on every rank, and DDP keeps the ranks identical.
 	assert r0["missing"] == [] and r1["missing"] == []
 	for name in r0["params"]:
 		assert torch.equal(r0["params"][name], r1["params"][name]), name
-	single, _ = _single(dispatch, batched, aux, zloss, per_rank=False)
+	single, _ = _single(dispatch, batched, aux, zloss, starved, per_rank=False)
 	if not local:
 		# DDP broadcasts buffers from rank 0 before each forward: without keep_routing_local, rank 1's
 		# ring holds rank 0's rows (all but its own last batch), which is why the helper exists.
@@ -142,7 +150,7 @@ def test_ddp_matches_one_process_on_the_concatenated_batch(ranks, case):
 	else:
 		# The balance term is not linear in the batch: DDP trains the mean of the per-rank aux losses,
 		# which one process reproduces with one forward per shard, and which differs from the full batch.
-		shards, shard_aux = _single(dispatch, batched, aux, zloss, per_rank=True)
+		shards, shard_aux = _single(dispatch, batched, aux, zloss, starved, per_rank=True)
 		_assert_params(r0["params"], shards, atol=1e-6, rtol=1e-5)
 		assert max((r0["params"][n] - p.detach()).abs().max() for n, p in single.named_parameters()) > 1e-5
 		torch.testing.assert_close(r0["aux"], shard_aux[0])
