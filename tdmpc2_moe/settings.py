@@ -102,6 +102,11 @@ class MoESettings:
 	moe_temperature_rate: float = 0.02
 	moe_temperature_freeze: int = 0
 	moe_preset: str = None
+	# Long runs (checkpoint.py): write work_dir/checkpoints/latest.pt every N environment steps (0: never),
+	# with the replay buffer or not, and continue from it.
+	checkpoint_interval: int = 0
+	checkpoint_buffer: bool = False
+	resume: bool = False
 
 	@classmethod
 	def resolve(cls, cfg=None, **keywords):
@@ -175,6 +180,9 @@ class MoESettings:
 			moe_temperature_rate=check_number("moe_temperature_rate", raw["moe_temperature_rate"], positive=True),
 			moe_temperature_freeze=check_int("moe_temperature_freeze", raw["moe_temperature_freeze"], 0),
 			moe_preset=None if raw["moe_preset"] is None else _one_of("moe_preset", raw["moe_preset"], PRESETS),
+			checkpoint_interval=check_int("checkpoint_interval", raw["checkpoint_interval"], 0),
+			checkpoint_buffer=_as_bool("checkpoint_buffer", raw["checkpoint_buffer"]),
+			resume=_as_bool("resume", raw["resume"]),
 		)
 
 	def block_kwargs(self):
