@@ -198,10 +198,11 @@ class MoEBlock(nn.Module):
 
 	def route(self, x, history=None):
 		"""
-		Returns the `Gate` of the rows `x` [N, in_dim] as the block routes them: the gate reads the
-		`gate_dims` columns, at the current temperature (the adaptive one when `target_entropy` is set).
-		With `history` (a GateHistory) the routing is recorded there too.
+		Returns the `Gate` of the rows of `x` [..., in_dim] (flattened to N rows) as the block routes
+		them: the gate reads the `gate_dims` columns, at the current temperature (the adaptive one when
+		`target_entropy` is set). With `history` (a GateHistory) the routing is recorded there too.
 		"""
+		x = x.reshape(-1, self.in_dim)
 		logits = self.gate(x if self.gate_dims is None else x[:, self.gate_dims[0]:self.gate_dims[1]])
 		if self.adaptive_temperature is None:
 			return topk_gate(logits, self.top_k, temperature=self.temperature, history=history)

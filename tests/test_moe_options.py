@@ -4,8 +4,10 @@ written here from the block's parameters (values and gradients), the KL balance 
 the adaptive temperature (direction, bounds, freeze, train-only, checkpoints, torch.compile), defaults.
 """
 import copy
+import gc
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -170,6 +172,7 @@ def test_gate_reads_only_its_columns():
 	y[:, :8] = torch.randn(20, 8)
 	a, b = block.route(x), block.route(y)
 	assert torch.equal(a.weights, b.weights) and torch.equal(a.indices, b.indices)
+	assert torch.equal(block.route(x.view(4, 5, IN)).weights, a.weights)
 
 
 def test_kl_term_trains_the_gate_when_the_output_gradient_is_zero():
@@ -274,6 +277,26 @@ def test_temperature_and_freeze_count_survive_save_and_load():
 	_train_forward(fresh, x)
 	_train_forward(block, x)
 	assert fresh.stats()["temperature"].item() == block.stats()["temperature"].item()
+
+
+def _live_tensors():
+	gc.collect()
+	with warnings.catch_warnings():
+		warnings.simplefilter("ignore")   # isinstance() on lazily deprecated torch attributes found by gc
+		return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_training_forwards_with_fork_options_keep_no_tensors():
+	block = MoEBlock(8, [16], 8, n_experts=4, top_k=4, balance="kl", shared_head=True, orthogonal=True,
+					 target_entropy=1.0, history_rows=64)
+	x = torch.randn(32, 8)
+	for _ in range(20):
+		block(x).sum().backward()
+	before = _live_tensors()
+	for _ in range(300):
+		block(x).sum().backward()
+	assert _live_tensors() <= before
+	assert block.adaptive_temperature.forwards.item() == 320
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
