@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tdmpc2_moe.baselines_fork import LeakyForkMoEBlock
 from tdmpc2_moe.moe import MoEBlock
 from tdmpc2_moe.ops import orthonormalize
 
@@ -297,6 +298,26 @@ def test_training_forwards_with_fork_options_keep_no_tensors():
 		block(x).sum().backward()
 	assert _live_tensors() <= before
 	assert block.adaptive_temperature.forwards.item() == 320
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host-sync detection is a CUDA feature")
+def test_training_forwards_on_cuda_never_sync_with_the_host():
+	torch.manual_seed(0)
+	block = MoEBlock(8, [16], 16, n_experts=4, top_k=4, balance="kl", shared_head=True, orthogonal=True,
+					 target_entropy=1.0, temperature_rate=0.1).cuda()
+	leaky = LeakyForkMoEBlock(8, [16], 16, n_experts=4).cuda()
+	x = torch.randn(64, 8, device="cuda")
+	block(x).sum().backward()   # lazy CUDA initialisation happens outside the check
+	start = block.stats()["temperature"].item()
+	torch.cuda.set_sync_debug_mode("error")
+	try:
+		for _ in range(3):
+			block(x).sum().backward()
+		with pytest.raises(RuntimeError):   # negative control: the fork's host copy and .item() sync
+			leaky(x)
+	finally:
+		torch.cuda.set_sync_debug_mode(0)
+	assert block.stats()["temperature"].item() != start
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
