@@ -343,6 +343,28 @@ def test_torch_compile_fullgraph_with_fork_options(backend):
 		assert compiled(x).grad_fn is None
 
 
+def test_torch_compile_of_a_rollout_steps_the_temperature_once_per_call():
+	# Upstream's _update runs the dynamics head `horizon` times inside one compiled graph.
+	torch.manual_seed(0)
+	block = MoEBlock(16, [16, 16], 16, n_experts=4, top_k=4, balance="kl", shared_head=True, orthogonal=True,
+					 temperature=1.8, target_entropy=0.75 * math.log(4), temperature_rate=0.1)
+	twin = copy.deepcopy(block)
+
+	def rollout(b, x):
+		for _ in range(3):
+			x = b(x)
+		return x
+	compiled = torch.compile(lambda x: rollout(twin, x), fullgraph=True, backend="aot_eager")
+	for _ in range(2):
+		x = torch.randn(32, 16)
+		rollout(block, x).square().sum().backward()
+		compiled(x).square().sum().backward()
+		for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+			torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
+		torch.testing.assert_close(twin.stats()["temperature"], block.stats()["temperature"])
+	assert twin.adaptive_temperature.forwards.item() == 6 and block.stats()["temperature"].item() < 1.8
+
+
 def test_defaults_build_the_plain_block():
 	torch.manual_seed(0)
 	plain = MoEBlock(IN, HIDDEN, OUT)
