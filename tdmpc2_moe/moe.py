@@ -222,7 +222,11 @@ class MoEBlock(nn.Module):
 		return aux
 
 	def forward(self, x):
-		"""Returns the top-k mixture of expert outputs, shape [..., out_dim] for `x` [..., in_dim]."""
+		"""
+		Returns the top-k mixture of expert outputs (with `orthogonal`, of their orthonormalised
+		features; with `shared_head`, passed through the shared last layer), [..., out_dim] for `x`
+		[..., in_dim]. A training forward (train mode, grad enabled) also steps the adaptive temperature.
+		"""
 		if x.shape[-1] != self.in_dim:
 			raise ValueError(f"x must have last dimension in_dim={self.in_dim}, got shape {tuple(x.shape)}")
 		lead = x.shape[:-1]
