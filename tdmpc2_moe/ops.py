@@ -166,8 +166,9 @@ if _HAVE_C:
 
 
 # --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
-# Kept apart from the gating code above. Plain PyTorch: benchmarks/test_orthonormalize.py measures it
-# against torch.compile of the same code and against a MoE update (README there says why no kernel).
+# Kept apart from the gating code above. Plain PyTorch for now (no compiled kernel):
+# benchmarks/test_orthonormalize.py measures it against torch.compile of the same code and against the
+# forward + backward of a MoEBlock with the fork's options.
 from .reference import ORTHONORMALIZE_EPS, orthonormalize_reference  # noqa: E402
 
 
