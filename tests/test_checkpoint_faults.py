@@ -36,7 +36,7 @@ class _Run:
 		self.offset = self.log.stat().st_size if self.log.exists() else 0
 		with open(self.log, "a") as out:
 			self.proc = subprocess.Popen(
-				[sys.executable, "-m", "tdmpc2_moe.cli", "train", "--tdmpc2", str(root), *ARGS, *extra],
+				[sys.executable, "-m", "tdmpc2_moe", "train", "--tdmpc2", str(root), *ARGS, *extra],
 				cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 	def output(self):
@@ -171,7 +171,7 @@ def test_corrupted_checkpoint_is_one_line_naming_it(tdmpc2_root, tmp_path):
 	checkpoint.atomic_save({"step": 500}, path)
 	path.write_bytes(path.read_bytes()[:300])
 	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-	out = subprocess.run([sys.executable, "-m", "tdmpc2_moe.cli", "train", "--tdmpc2", str(tdmpc2_root), *ARGS,
+	out = subprocess.run([sys.executable, "-m", "tdmpc2_moe", "train", "--tdmpc2", str(tdmpc2_root), *ARGS,
 						  "resume=true"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=TIMEOUT)
 	assert out.returncode == 1
 	errors = [line for line in out.stderr.splitlines() if line.startswith("tdmpc2-moe train:")]
