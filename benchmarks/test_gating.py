@@ -5,13 +5,14 @@ bandwidth against torch.clone of the logits.
 
 Full table:   pytest benchmarks/test_gating.py --benchmark-json=out/gating.json
 Quick subset: pytest benchmarks/test_gating.py -k "N512-E8-k2 or bandwidth"
+Autograd path (eager vs torch.compile, with and without history): pytest benchmarks/test_gating.py -k autograd_path
 """
 import functools
 
 import pytest
 import torch
 
-from tdmpc2_moe import topk_gate
+from tdmpc2_moe import GateHistory, topk_gate
 from tdmpc2_moe.reference import topk_gate_reference
 
 SHAPES = [(n, e, k) for n in (256, 512, 1536, 8192) for e in (4, 8, 16, 64) for k in (1, 2)]
@@ -73,6 +74,35 @@ def test_bandwidth(benchmark, impl):
 		fn = torch.clone
 	benchmark.extra_info.update(impl=impl, bytes=moved)
 	benchmark.pedantic(fn, (x,), rounds=15, warmup_rounds=2)
+
+
+def _gate_loss(x, history):
+	gate = topk_gate(x, 2, history=history)
+	return gate.weights.sum() + gate.expert_prob_mean.square().sum() + gate.lse.sum()
+
+
+_compiled_gate_loss = torch.compile(_gate_loss, fullgraph=True)
+
+
+@pytest.mark.parametrize("history", [False, True], ids=["plain", "history"])
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_autograd_path(benchmark, path, history):
+	"""
+	N=512, E=8, k=2 forward + backward of topk_gate called eagerly and inside torch.compile(fullgraph=True)
+	(upstream TD-MPC2's default, compile=true): what the op's autograd registration costs where users run it.
+	"""
+	torch.manual_seed(0)
+	x = torch.randn(512, 8, requires_grad=True)
+	h = GateHistory(4096, 8) if history else None
+	fn = _compiled_gate_loss if path == "compiled" else _gate_loss
+	benchmark.group = f"autograd path {'with' if history else 'without'} history N=512 E=8 k=2"
+	benchmark.extra_info.update(path=path, history=history)
+
+	def step():
+		return torch.autograd.grad(fn(x, h), x)
+	step()
+	step()
+	benchmark(step)
 
 
 def markdown_table(path):
