@@ -20,13 +20,13 @@ def use_cuda():
 
 def extensions():
 	cuda = use_cuda()
-	sources = ["csrc/ops.cpp", "csrc/eager_autograd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+	sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
 	# -fno-trapping-math lets gcc if-convert and vectorise the branch-free exp of gate_row.h.
 	# -fno-wrapv undoes Python's -fwrapv: with wrapping int indices gcc cannot vectorise the lane loops.
 	cxx = ["-O3", "-fno-trapping-math", "-fno-wrapv"]
 	args = {"cxx": cxx}
 	if cuda:
-		sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/binding.cpp"]
+		sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 		cxx.append("-DTDMPC2_MOE_WITH_CUDA=1")
 		args["nvcc"] = ["-O3", "-DTDMPC2_MOE_WITH_CUDA=1"]
 	ext = CUDAExtension if cuda else CppExtension

@@ -131,6 +131,24 @@ GATE_HD float gate_row_sum(const float* a, int n) {
 	return gate_row_reduce(a, n, 0.f, GateSum());
 }
 
+GATE_HD bool gate_is_inf(float v) {
+	return v == INFINITY || v == -INFINITY;
+}
+
+GATE_HD bool gate_row_has_nan(const float* a, int n) {
+	bool nan = false;
+	for (int j = 0; j < n; ++j) nan |= a[j] != a[j];
+	return nan;
+}
+
+// The row's logsumexp as torch.logsumexp gives it, from its max m (NaN ignored), s = sum exp(x - m)
+// and whether the row holds a NaN. An infinite max is the result (all -inf: -inf; a +inf entry:
+// +inf) unless a NaN is present, where m + log(s) would be NaN (exp(inf - inf)).
+GATE_HD float gate_lse(float m, float s, bool has_nan) {
+	if (gate_is_inf(m)) return has_nan ? NAN : m;
+	return m + logf(s);
+}
+
 // Turns x (logits already divided by the temperature) into softmax probabilities in place, with
 // max subtraction. Returns the row's logsumexp. With a compile-time bound EB the loops run over all
 // EB entries: the caller pads entries e..EB-1 with -inf, which get probability 0 (or NaN when the
@@ -139,6 +157,8 @@ template <int EB>
 GATE_HD float gate_softmax(float* x, int e) {
 	const int n = gate_bound<EB>(e);
 	const float m = gate_row_max(x, n);
+	// Only an infinite max needs to know about NaN (see gate_lse); padding entries are -inf, not NaN.
+	const bool has_nan = gate_is_inf(m) && gate_row_has_nan(x, n);
 	// Separate map and sum loops: the map vectorises, a fused loop would be serialised by the sum.
 GATE_UNROLL
 	for (int j = 0; j < n; ++j) x[j] = gate_exp(x[j] - m);
@@ -146,7 +166,7 @@ GATE_UNROLL
 	const float inv = 1.f / s;
 GATE_UNROLL
 	for (int j = 0; j < n; ++j) x[j] *= inv;
-	return m + logf(s);
+	return gate_lse(m, s, has_nan);
 }
 
 // The next expert after (prev_k, prev_i) in routing order (prev_k: the previous pick's gate_key),

@@ -1,9 +1,8 @@
-// Operator schemas of tdmpc2_moe and their CPU kernels. Importing tdmpc2_moe._C runs the static
-// registrations below; the module itself only carries WITH_CUDA (whether CUDA kernels were built).
+// Operator schemas of tdmpc2_moe (TORCH_LIBRARY). Importing tdmpc2_moe._C runs the static registrations
+// of this file and of the kernels' files (cpu/, cuda/, autograd.cpp); the module itself only carries
+// WITH_CUDA (whether CUDA kernels were built).
 #include <Python.h>
 #include <torch/library.h>
-
-#include "cpu/topk_gate.h"
 
 #ifndef TDMPC2_MOE_WITH_CUDA
 #define TDMPC2_MOE_WITH_CUDA 0
@@ -38,10 +37,4 @@ TORCH_LIBRARY(tdmpc2_moe, m) {
 	// Gradients of outputs the loss does not use may be None (no zero tensors are made for them).
 	m.def("topk_gate_backward(Tensor? grad_weights, Tensor? grad_prob_mean, Tensor? grad_lse, Tensor logits, "
 		  "Tensor indices, float temperature, bool renormalize) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(tdmpc2_moe, CPU, m) {
-	m.impl("topk_gate", &tdmpc2_moe::topk_gate_cpu);
-	m.impl("topk_gate_record", &tdmpc2_moe::topk_gate_record_cpu);
-	m.impl("topk_gate_backward", &tdmpc2_moe::topk_gate_backward_cpu);
 }

@@ -1,4 +1,6 @@
 """topk_gate: fused top-k softmax gating with statistics and device-side history recording."""
+import math
+import struct
 import warnings
 
 import torch
@@ -33,6 +35,14 @@ def _warn_reference():
 					  "reference. Build with `pip install --no-build-isolation .`", RuntimeWarning, stacklevel=3)
 
 
+def _as_float32(value):
+	"""Returns `value` rounded to float32 (inf past its range; 0 below its smallest subnormal)."""
+	try:
+		return struct.unpack("f", struct.pack("f", value))[0]
+	except OverflowError:
+		return math.inf
+
+
 def _check_args(logits, k, temperature, history):
 	if not isinstance(logits, torch.Tensor):
 		raise ValueError(f"logits must be a tensor, got {type(logits).__name__}")
@@ -45,6 +55,8 @@ def _check_args(logits, k, temperature, history):
 		raise ValueError(f"logits must have 1..1024 experts (columns), got {e}")
 	check_int("k", k, 1, e)
 	check_number("temperature", temperature, positive=True)
+	if not 0.0 < _as_float32(temperature) < math.inf:
+		raise ValueError(f"temperature must stay finite and > 0 as float32 (what the kernels divide by), got {temperature!r}")
 	if history is not None:
 		if history.n_experts != e:
 			raise ValueError(f"history records {history.n_experts} experts but logits have E={e}")
@@ -97,17 +109,32 @@ def _gate_fake(logits, k, temperature, renormalize):
 	return _outputs_like(logits, k)
 
 
+def _check_fake_device(name, tensor, logits):
+	# The fake kernel also runs eagerly when one argument is on `meta`: it refuses mixed devices as the
+	# device kernels do (ValueError naming the argument).
+	torch._check_value(tensor.device == logits.device,
+					   lambda: f"{name} must be on the device of logits ({logits.device}), got {tensor.device}")
+
+
 def _record_fake(logits, k, temperature, renormalize, ring, cursor):
 	_check_fake(logits, k)
-	torch._check(ring.dim() == 2 and ring.shape[1] == logits.shape[1], lambda: "ring must be [capacity, E]")
-	torch._check(ring.device == logits.device and cursor.device == logits.device,
-				 lambda: "ring and cursor must be on the device of logits")
-	torch._check(cursor.dtype == torch.int64 and cursor.numel() == 1, lambda: "cursor must be one int64")
+	_check_fake_device("ring", ring, logits)
+	_check_fake_device("cursor", cursor, logits)
+	torch._check_value(ring.dim() == 2 and ring.shape[1] == logits.shape[1], lambda: "ring must be [capacity, E]")
+	torch._check_value(ring.dtype in (torch.float32, torch.float16, torch.bfloat16),
+					   lambda: f"ring must be float32, float16 or bfloat16, got {ring.dtype}")
+	torch._check_value(cursor.dtype == torch.int64 and cursor.numel() == 1, lambda: "cursor must be one int64")
 	return _outputs_like(logits, k)
 
 
 def _backward_fake(grad_weights, grad_prob_mean, grad_lse, logits, indices, temperature, renormalize):
-	torch._check(indices.dim() == 2 and indices.shape[0] == logits.shape[0], lambda: "indices must be [N, k]")
+	_check_fake_device("indices", indices, logits)
+	torch._check_value(indices.dtype == torch.int64, lambda: f"indices must be int64, got {indices.dtype}")
+	torch._check_value(indices.dim() == 2 and indices.shape[0] == logits.shape[0], lambda: "indices must be [N, k]")
+	for name, grad in (("grad_weights", grad_weights), ("grad_prob_mean", grad_prob_mean), ("grad_lse", grad_lse)):
+		if grad is not None:
+			_check_fake_device(name, grad, logits)
+			torch._check_value(grad.is_floating_point(), lambda: f"{name} must be floating point, got {grad.dtype}")
 	return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 

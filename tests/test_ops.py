@@ -213,8 +213,84 @@ def test_nan_and_inf_rows_route_to_valid_experts_and_stay_inside_the_ring(e):
 	assert history.total == 3
 
 
-def test_backend_is_cpu_when_extension_is_built():
-	assert backend() == "cpu"
+def test_backend_names_the_compiled_kernels_in_use(monkeypatch):
+	# "cuda" on a CUDA build with a GPU (the suite is the GPU's acceptance test), "cpu" otherwise.
+	from tdmpc2_moe import _C, ops
+	assert backend() == ("cuda" if _C.WITH_CUDA and torch.cuda.is_available() else "cpu")
+	monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+	monkeypatch.setattr(_C, "WITH_CUDA", True, raising=False)
+	assert ops.backend() == "cuda"
+	monkeypatch.setattr(_C, "WITH_CUDA", False)
+	assert ops.backend() == "cpu"
+
+
+def _cpu_kernel(op, *args):
+	"""Calls the CPU kernel of `op` whatever devices its arguments are on (as the dispatcher would pick the
+	CUDA kernel for CUDA logits with CPU indices): its own checks must refuse a tensor on another device."""
+	return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args)
+
+
+@pytest.mark.parametrize("bad", ["indices", "grad_weights", "grad_prob_mean", "grad_lse"])
+def test_backward_refuses_every_tensor_on_another_device(bad):
+	x = torch.randn(6, 5)
+	args = dict(grad_weights=torch.randn(6, 2), grad_prob_mean=torch.randn(5), grad_lse=torch.randn(6), logits=x,
+				indices=topk_gate(x, 2).indices)
+	args[bad] = args[bad].to("meta")
+	bwd = torch.ops.tdmpc2_moe.topk_gate_backward.default
+	values = (*args.values(), 1.0, True)
+	with pytest.raises(ValueError, match=bad):
+		_cpu_kernel(bwd, *values)
+	with pytest.raises(ValueError, match=bad):  # dispatched to the fake (meta) kernel
+		bwd(*values)
+
+
+@pytest.mark.parametrize("bad", ["grad_weights", "grad_prob_mean", "grad_lse"])
+def test_backward_refuses_integer_gradients(bad):
+	x = torch.randn(6, 5)
+	args = dict(grad_weights=torch.randn(6, 2), grad_prob_mean=torch.randn(5), grad_lse=torch.randn(6), logits=x,
+				indices=topk_gate(x, 2).indices)
+	args[bad] = args[bad].long()
+	with pytest.raises(ValueError, match=bad):
+		torch.ops.tdmpc2_moe.topk_gate_backward(*args.values(), 1.0, True)
+
+
+@pytest.mark.parametrize("bad", ["ring", "cursor"])
+def test_record_refuses_ring_or_cursor_on_another_device(bad):
+	args = dict(ring=torch.zeros(4, 5), cursor=torch.zeros((), dtype=torch.int64))
+	args[bad] = args[bad].to("meta")
+	op = torch.ops.tdmpc2_moe.topk_gate_record.default
+	with pytest.raises(ValueError, match=bad):
+		_cpu_kernel(op, torch.randn(3, 5), 2, 1.0, True, args["ring"], args["cursor"])
+	with pytest.raises(ValueError, match=bad):
+		op(torch.randn(3, 5), 2, 1.0, True, args["ring"], args["cursor"])
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 1e39, 3.5e38])
+def test_temperature_must_survive_float32(temperature):
+	# Finite and positive as a double, but 0 or inf as the float32 the kernels divide by.
+	x = torch.randn(4, 8)
+	with pytest.raises(ValueError, match="temperature"):
+		topk_gate(x, 2, temperature=temperature)
+	for op in (torch.ops.tdmpc2_moe.topk_gate, _cpu_kernel):
+		with pytest.raises(ValueError, match="temperature"):
+			if op is _cpu_kernel:
+				op(torch.ops.tdmpc2_moe.topk_gate.default, x, 2, temperature, True)
+			else:
+				op(x, 2, temperature, True)
+	assert topk_gate(x, 2, temperature=1e-30).weights.isfinite().all()
+
+
+@pytest.mark.parametrize("e", [1, 3, 8, 17, 40])
+def test_lse_of_non_finite_rows_equals_the_reference(e):
+	nan, inf = math.nan, math.inf
+	rows = [[-inf] * e, [inf] * e, [0.0] * (e - 1) + [inf], [-inf] * (e - 1) + [inf], [nan] * e,
+			[-inf] * (e - 1) + [nan], [inf] + [nan] * (e - 1), [1.0] + [-inf] * (e - 1), [2.0] * e]
+	logits = torch.tensor(rows)
+	want = topk_gate_reference(logits, 1).lse
+	for t in (1.0, 0.5):
+		got = topk_gate(logits, 1, temperature=t).lse
+		want = topk_gate_reference(logits, 1, t).lse
+		torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def _registered(logits, k, temperature, renormalize, history=None):

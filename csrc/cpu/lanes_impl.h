@@ -114,7 +114,8 @@ void forward(const LaneForward& a, int64_t begin, int64_t end) {
 		alignas(64) float m[L], s[L], valid[L];
 		for (int l = 0; l < L; ++l) valid[l] = l < rows ? 1.f : 0.f;
 		softmax_block(x, e, m, s, psum, valid);
-		for (int l = 0; l < rows; ++l) a.lse[r0 + l] = m[l] + logf(s[l]);
+		for (int l = 0; l < rows; ++l)
+			a.lse[r0 + l] = gate_lse(m[l], s[l], gate_is_inf(m[l]) && gate_row_has_nan(a.logits + (r0 + l) * e, e));
 		if (++blocks == kFlushBlocks || r0 + L >= end) {
 			for (int j = 0; j < e; ++j) {
 				double acc = 0.0;

@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../cpu/topk_gate.h"
+#include "../topk_gate.h"
 #include "launch.h"
 
 namespace tdmpc2_moe {

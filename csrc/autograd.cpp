@@ -10,7 +10,7 @@
 
 #include <optional>
 
-#include "cpu/topk_gate.h"
+#include "topk_gate.h"
 
 namespace tdmpc2_moe {
 namespace {
