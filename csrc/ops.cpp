@@ -27,13 +27,6 @@ TORCH_LIBRARY(tdmpc2_moe, m) {
 	m.def("topk_gate_record(Tensor logits, int k, float temperature, bool renormalize, Tensor(a!) ring, "
 		  "Tensor(b!) cursor) -> "
 		  "(Tensor weights, Tensor indices, Tensor expert_prob_mean, Tensor expert_frac, Tensor lse)");
-	// The same computation under a C++ autograd Function (eager_autograd.cpp): what tdmpc2_moe.ops calls
-	// outside torch.compile, to skip the per-call cost of the Python autograd kernels of the ops above.
-	m.def("topk_gate_eager(Tensor logits, int k, float temperature, bool renormalize) -> "
-		  "(Tensor weights, Tensor indices, Tensor expert_prob_mean, Tensor expert_frac, Tensor lse)");
-	m.def("topk_gate_record_eager(Tensor logits, int k, float temperature, bool renormalize, Tensor(a!) ring, "
-		  "Tensor(b!) cursor) -> "
-		  "(Tensor weights, Tensor indices, Tensor expert_prob_mean, Tensor expert_frac, Tensor lse)");
 	// Gradients of outputs the loss does not use may be None (no zero tensors are made for them).
 	m.def("topk_gate_backward(Tensor? grad_weights, Tensor? grad_prob_mean, Tensor? grad_lse, Tensor logits, "
 		  "Tensor indices, float temperature, bool renormalize) -> Tensor");

@@ -80,13 +80,11 @@ def topk_gate(logits, k, *, temperature=1.0, renormalize=True, history=None) -> 
 			with torch.no_grad():
 				record_reference(history.ring, history.cursor, gate.weights, gate.indices)
 		return gate
-	# Eager calls take the C++ autograd ops (same kernels, no Python autograd kernel around them);
-	# torch.compile traces the registered ops, whose fake and autograd registrations are Python.
-	eager = not torch.compiler.is_compiling()
+	# One registration serves eager calls, torch.compile and opcheck: the schemas' autograd kernel is
+	# C++ (csrc/autograd.cpp), their fake kernels are below.
 	if history is None:
-		return Gate(*(_topk_gate_eager if eager else _topk_gate)(logits, k, temperature, renormalize))
-	record = _topk_gate_record_eager if eager else _topk_gate_record
-	return Gate(*record(logits, k, temperature, renormalize, history.ring, history.cursor))
+		return Gate(*_topk_gate(logits, k, temperature, renormalize))
+	return Gate(*_topk_gate_record(logits, k, temperature, renormalize, history.ring, history.cursor))
 
 
 def _outputs_like(logits, k):
@@ -138,45 +136,9 @@ def _backward_fake(grad_weights, grad_prob_mean, grad_lse, logits, indices, temp
 	return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
-	# Only logits and indices are saved: the backward recomputes the softmax instead of keeping [N, E] probs.
-	ctx.save_for_backward(inputs[0], output[1])
-	ctx.temperature, ctx.renormalize = inputs[2], inputs[3]
-	ctx.mark_non_differentiable(output[1], output[3])
-	# Unused outputs then arrive as None, and the kernel skips them instead of reading zero tensors.
-	ctx.set_materialize_grads(False)
-
-
-# The backward runs eagerly when the compiled forward's graph ends in a break before backward() (as
-# upstream TD-MPC2's _update does): without this, dynamo would compile these frames as extra graphs.
-@torch.compiler.disable
-def _backward(ctx, grad_weights, grad_indices, grad_prob_mean, grad_frac, grad_lse):
-	logits, indices = ctx.saved_tensors
-	grad = None
-	if ctx.needs_input_grad[0]:
-		grad = _topk_gate_backward(grad_weights, grad_prob_mean, grad_lse, logits, indices,
-								   ctx.temperature, ctx.renormalize)
-	return grad, None, None, None
-
-
-@torch.compiler.disable
-def _backward_record(ctx, *grads):
-	return (*_backward(ctx, *grads), None, None)
-
-
 if _HAVE_C:
 	_topk_gate = torch.ops.tdmpc2_moe.topk_gate.default
 	_topk_gate_record = torch.ops.tdmpc2_moe.topk_gate_record.default
-	_topk_gate_backward = torch.ops.tdmpc2_moe.topk_gate_backward.default
-	_topk_gate_eager = torch.ops.tdmpc2_moe.topk_gate_eager.default
-	_topk_gate_record_eager = torch.ops.tdmpc2_moe.topk_gate_record_eager.default
 	torch.library.register_fake("tdmpc2_moe::topk_gate", _gate_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_record", _record_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_backward", _backward_fake)
-	torch.library.register_autograd("tdmpc2_moe::topk_gate", _backward, setup_context=_setup_context)
-	# register_autograd refuses schemas that mutate (the ring); this builds the same autograd kernel
-	# register_autograd would, and registers it at the Autograd key directly.
-	from torch._library.autograd import Info, make_autograd_impl
-	_lib = torch.library.Library("tdmpc2_moe", "IMPL")
-	_lib.impl("topk_gate_record", make_autograd_impl(_topk_gate_record, Info(_backward_record, _setup_context)),
-			  "Autograd", with_keyset=True)

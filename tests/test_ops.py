@@ -164,6 +164,28 @@ def test_compiles_fullgraph_with_and_without_history(compile_backend):
 	torch.testing.assert_close(history.snapshot(), eager_history.snapshot())
 
 
+@pytest.mark.parametrize("with_history", [False, True])
+def test_compile_traces_one_op_with_its_cpp_autograd(with_history):
+	# One registration: dynamo sees each call as one node of the schema itself, and the schema's
+	# Autograd kernel is the C++ one (no Python autograd registration, no second schema).
+	torch._dynamo.reset()
+	graphs = []
+
+	def capture(gm, example_inputs):
+		graphs.append(gm)
+		return gm.forward
+	x = torch.randn(16, 8, requires_grad=True)
+	history = GateHistory(8, 8) if with_history else None
+	torch.compile(lambda x: _routing(x, history), fullgraph=True, backend=capture)(x)[2].backward()
+	(gm,) = graphs
+	targets = [str(n.target) for n in gm.graph.nodes if "tdmpc2_moe" in str(n.target)]
+	assert targets == ["tdmpc2_moe.topk_gate_record.default" if with_history else "tdmpc2_moe.topk_gate.default"]
+	for name in ("topk_gate", "topk_gate_record"):
+		assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tdmpc2_moe::{name}", "Autograd")
+	assert not [n for n in dir(torch.ops.tdmpc2_moe) if n.endswith("_eager")]
+	assert x.grad is not None and x.grad.isfinite().all()
+
+
 @pytest.mark.parametrize("bad, match", [
 	(dict(k=0), "k"), (dict(k=9), "k"), (dict(k=2.0), "k"),
 	(dict(temperature=0.0), "temperature"), (dict(temperature=-1.0), "temperature"),
@@ -294,7 +316,7 @@ def test_lse_of_non_finite_rows_equals_the_reference(e):
 
 
 def _registered(logits, k, temperature, renormalize, history=None):
-	"""Calls the registered op (the torch.compile path, Python autograd) directly; returns its 5 outputs."""
+	"""Calls the registered op directly (as traced code does); returns its 5 outputs."""
 	ops = torch.ops.tdmpc2_moe
 	if history is None:
 		return ops.topk_gate(logits, k, temperature, renormalize)
@@ -304,8 +326,8 @@ def _registered(logits, k, temperature, renormalize, history=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_history", [False, True])
 def test_eager_cpp_autograd_equals_registered_op(dtype, with_history):
-	# Eager topk_gate runs the C++ autograd ops; they must give exactly the registered ops' values,
-	# gradients and ring writes (same kernels), whichever outputs the loss uses.
+	# topk_gate and the registered op it wraps must give exactly the same values, gradients and ring
+	# writes (one autograd path), whichever outputs the loss uses.
 	torch.manual_seed(1)
 	x = (torch.randn(70, 8) * 2).to(dtype)
 	cw, cp, cl = torch.randn(70, 3), torch.randn(8), torch.randn(70)
