@@ -390,3 +390,20 @@ def test_backward_reads_expanded_and_strided_gradients_in_place():
 		ones = bwd(torch.ones(37, 3), gp, torch.ones(37), x, idx, 0.8, renorm)
 		expanded = bwd(torch.ones(()).expand(37, 3), gp, torch.ones(1).expand(37), x, idx, 0.8, renorm)
 		torch.testing.assert_close(expanded, ones, rtol=0, atol=0)
+
+
+def test_statistics_are_bit_identical_whatever_the_thread_count():
+	# Fixed-order reduction: expert_prob_mean is summed over fixed row chunks in chunk order, so the
+	# number of threads (the CPU's launch configuration) does not change a bit of it.
+	torch.manual_seed(4)
+	x = torch.randn(20011, 24) * 3
+	threads = torch.get_num_threads()
+	try:
+		results = []
+		for t in (1, 2, 3):
+			torch.set_num_threads(t)
+			results.append(topk_gate(x, 2).expert_prob_mean)
+			results.append(topk_gate(x, 2).expert_prob_mean)
+	finally:
+		torch.set_num_threads(threads)
+	assert all(torch.equal(results[0], r) for r in results[1:])

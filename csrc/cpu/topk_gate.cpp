@@ -56,18 +56,21 @@ GateOutputs forward(const at::Tensor& logits_in, int64_t k, double temperature, 
 	at::Tensor frac = at::empty({e}, f32);
 	at::Tensor lse = at::empty({n}, f32);
 
-	// Per-thread statistics: a thread adds its rows' probabilities (double) and picks here.
-	const int threads = n > grain_rows(e) ? at::get_num_threads() : 1;
-	std::vector<double> prob_sum(static_cast<size_t>(threads) * e, 0.0);
-	std::vector<int64_t> counts(static_cast<size_t>(threads) * e, 0);
+	// Statistics per fixed chunk of grain_rows(e) rows (double sums of probabilities, pick counts),
+	// added up in chunk order afterwards: the result does not depend on the number of threads.
+	const int64_t grain = grain_rows(e);
+	const int64_t chunks = std::max<int64_t>((n + grain - 1) / grain, 1);
+	std::vector<double> prob_sum(static_cast<size_t>(chunks) * e, 0.0);
+	std::vector<int64_t> counts(static_cast<size_t>(chunks) * e, 0);
 	LaneForward args{logits.const_data_ptr<float>(), n, e, static_cast<int>(k), check_temperature(temperature),
 			renormalize, weights.data_ptr<float>(), indices.data_ptr<int64_t>(), lse.data_ptr<float>(), nullptr, nullptr};
 	const int64_t ring_cursor = ring ? cursor->data_ptr<int64_t>()[0] : 0;
 	const LaneKernels& kernels = lane_kernels();
-	auto rows = [&](int64_t begin, int64_t end, int thread) {
+	auto chunk = [&](int64_t c) {
+		const int64_t begin = c * grain, end = std::min(n, begin + grain);
 		LaneForward a = args;
-		a.prob_sum = prob_sum.data() + static_cast<size_t>(thread) * e;
-		a.counts = counts.data() + static_cast<size_t>(thread) * e;
+		a.prob_sum = prob_sum.data() + static_cast<size_t>(c) * e;
+		a.counts = counts.data() + static_cast<size_t>(c) * e;
 		kernels.forward(a, begin, end);
 		if (!ring) return;
 		const auto rt = ring->scalar_type();
@@ -80,10 +83,12 @@ GateOutputs forward(const at::Tensor& logits_in, int64_t k, double temperature, 
 		else
 			write_ring(ring->data_ptr<float>(), ring->size(0), ring_cursor, begin, end, n, e, a.k, a.weights, a.indices);
 	};
-	if (threads == 1)
-		rows(0, n, 0);
+	if (chunks == 1)
+		chunk(0);
 	else
-		at::parallel_for(0, n, grain_rows(e), [&](int64_t begin, int64_t end) { rows(begin, end, at::get_thread_num()); });
+		at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+			for (int64_t c = begin; c < end; ++c) chunk(c);
+		});
 
 	const double nrows = static_cast<double>(std::max<int64_t>(n, 1));
 	float* pm = prob_mean.data_ptr<float>();
@@ -91,7 +96,7 @@ GateOutputs forward(const at::Tensor& logits_in, int64_t k, double temperature, 
 	for (int j = 0; j < e; ++j) {
 		double p = 0.0;
 		int64_t c = 0;
-		for (int t = 0; t < threads; ++t) {
+		for (int64_t t = 0; t < chunks; ++t) {
 			p += prob_sum[static_cast<size_t>(t) * e + j];
 			c += counts[static_cast<size_t>(t) * e + j];
 		}
