@@ -49,7 +49,7 @@ def _assert_same_routing(gate, ref, logits, temperature):
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: "n{n}-e{e}-k{k}-t{temperature}-r{renormalize:d}-{layout}-{dtype}".format(**c).replace("torch.", ""))
-def test_matches_reference(case):
+def test_matches_reference(case, on_device):
 	torch.manual_seed(hash(str(case)) % 2**31)
 	n, e, k, t, renorm = case["n"], case["e"], case["k"], case["temperature"], case["renormalize"]
 	logits = _logits(n, e, case["dtype"], case["layout"]).requires_grad_()
@@ -79,14 +79,14 @@ def test_matches_reference(case):
 		torch.testing.assert_close(grad, ref_grad, **tol)
 
 
-def test_ties_go_to_the_lower_index():
+def test_ties_go_to_the_lower_index(on_device):
 	logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 3.0, 3.0], [2.0, 1.0, 2.0, 2.0]])
 	gate = topk_gate(logits, 3)
 	assert gate.indices.tolist() == [[0, 1, 2], [1, 2, 3], [0, 2, 3]]
 	torch.testing.assert_close(gate.weights[0], torch.full((3,), 1 / 3))
 
 
-def test_unused_outputs_need_no_gradient():
+def test_unused_outputs_need_no_gradient(on_device):
 	logits = torch.randn(33, 6, requires_grad=True)
 	gate = topk_gate(logits, 2, temperature=0.7)
 	(grad,) = torch.autograd.grad(gate.lse.sum(), logits)
@@ -106,7 +106,7 @@ def test_reference_gradcheck_float64():
 
 
 @pytest.mark.parametrize("e", [5, 64])
-def test_compiled_backward_matches_float64_reference(e):
+def test_compiled_backward_matches_float64_reference(e, on_device):
 	torch.manual_seed(e)
 	x = torch.randn(9, e, dtype=torch.float64)
 	gate = topk_gate(x.float().requires_grad_(), 3, temperature=1.5)
@@ -121,7 +121,7 @@ def test_compiled_backward_matches_float64_reference(e):
 	torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-6)
 
 
-def test_opcheck_every_op():
+def test_opcheck_every_op(on_device):
 	torch.manual_seed(0)
 	x = torch.randn(11, 6, requires_grad=True)
 	ops = torch.ops.tdmpc2_moe
@@ -141,7 +141,7 @@ def _routing(x, history=None):
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "inductor"])
-def test_compiles_fullgraph_with_and_without_history(compile_backend):
+def test_compiles_fullgraph_with_and_without_history(compile_backend, on_device):
 	torch._dynamo.reset()
 	torch.manual_seed(0)
 	x = torch.randn(40, 8, requires_grad=True)
@@ -165,7 +165,7 @@ def test_compiles_fullgraph_with_and_without_history(compile_backend):
 
 
 @pytest.mark.parametrize("with_history", [False, True])
-def test_compile_traces_one_op_with_its_cpp_autograd(with_history):
+def test_compile_traces_one_op_with_its_cpp_autograd(with_history, on_device):
 	# One registration: dynamo sees each call as one node of the schema itself, and the schema's
 	# Autograd kernel is the C++ one (no Python autograd registration, no second schema).
 	torch._dynamo.reset()
@@ -209,7 +209,7 @@ def _bad_rows(e):
 
 
 @pytest.mark.parametrize("e", [3, 8, 40])
-def test_nan_and_inf_rows_route_to_valid_experts_and_stay_inside_the_ring(e):
+def test_nan_and_inf_rows_route_to_valid_experts_and_stay_inside_the_ring(e, on_device):
 	logits = _bad_rows(e)
 	n, k = logits.shape[0], min(2, e)
 	gate = topk_gate(logits, k)
@@ -288,7 +288,7 @@ def test_record_refuses_ring_or_cursor_on_another_device(bad):
 
 
 @pytest.mark.parametrize("temperature", [1e-46, 1e39, 3.5e38])
-def test_temperature_must_survive_float32(temperature):
+def test_temperature_must_survive_float32(temperature, on_device):
 	# Finite and positive as a double, but 0 or inf as the float32 the kernels divide by.
 	x = torch.randn(4, 8)
 	with pytest.raises(ValueError, match="temperature"):
@@ -303,7 +303,7 @@ def test_temperature_must_survive_float32(temperature):
 
 
 @pytest.mark.parametrize("e", [1, 3, 8, 17, 40])
-def test_lse_of_non_finite_rows_equals_the_reference(e):
+def test_lse_of_non_finite_rows_equals_the_reference(e, on_device):
 	nan, inf = math.nan, math.inf
 	rows = [[-inf] * e, [inf] * e, [0.0] * (e - 1) + [inf], [-inf] * (e - 1) + [inf], [nan] * e,
 			[-inf] * (e - 1) + [nan], [inf] + [nan] * (e - 1), [1.0] + [-inf] * (e - 1), [2.0] * e]
@@ -325,7 +325,7 @@ def _registered(logits, k, temperature, renormalize, history=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_history", [False, True])
-def test_eager_cpp_autograd_equals_registered_op(dtype, with_history):
+def test_eager_cpp_autograd_equals_registered_op(dtype, with_history, on_device):
 	# topk_gate and the registered op it wraps must give exactly the same values, gradients and ring
 	# writes (one autograd path), whichever outputs the loss uses.
 	torch.manual_seed(1)
@@ -347,7 +347,7 @@ def test_eager_cpp_autograd_equals_registered_op(dtype, with_history):
 		assert torch.equal(eager_hist.ring, reg_hist.ring)
 
 
-def test_eager_gradient_matches_reference_with_history():
+def test_eager_gradient_matches_reference_with_history(on_device):
 	torch.manual_seed(2)
 	x = torch.randn(50, 6, requires_grad=True)
 	history = GateHistory(16, 6)
@@ -359,11 +359,11 @@ def test_eager_gradient_matches_reference_with_history():
 	(want,) = torch.autograd.grad(ref.weights.sum() + ref.expert_prob_mean.square().sum() + ref.lse.sum(), xr)
 	torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
 	dense = torch.zeros(50, 6).scatter_(1, ref.indices, ref.weights.detach())
-	torch.testing.assert_close(history.snapshot(), dense[-16:])
+	torch.testing.assert_close(history.snapshot(), dense[-16:].cpu())
 	assert history.total == 50
 
 
-def test_eager_without_grad_builds_no_graph():
+def test_eager_without_grad_builds_no_graph(on_device):
 	x = torch.randn(20, 5, requires_grad=True)
 	history = GateHistory(8, 5)
 	with torch.no_grad():
@@ -376,7 +376,7 @@ def test_eager_without_grad_builds_no_graph():
 		assert topk_gate(torch.randn(4, 5), 2).weights.is_inference()
 
 
-def test_backward_reads_expanded_and_strided_gradients_in_place():
+def test_backward_reads_expanded_and_strided_gradients_in_place(on_device):
 	# The CPU kernel reads grad_weights and grad_lse at their strides (autograd passes expanded ones).
 	torch.manual_seed(3)
 	x = torch.randn(37, 9)
