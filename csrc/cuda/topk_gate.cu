@@ -87,12 +87,12 @@ struct BlockTeam {
 // advances the cursor; the others return.
 __device__ void finish_statistics(const GateForwardParams& p, int blocks) {
 	__shared__ bool last;
-	__syncthreads();  // this block's partials are written and its rows' cursor reads are done
+	// Every thread's partials (and ring rows) visible device-wide before the block takes its ticket; the
+	// barrier also means this block's reads of the cursor are done.
+	__threadfence();
+	__syncthreads();
 	if (blocks > 1) {
-		if (threadIdx.x == 0) {
-			__threadfence();
-			last = atomicAdd(p.ticket, 1u) == static_cast<unsigned>(blocks - 1);
-		}
+		if (threadIdx.x == 0) last = atomicAdd(p.ticket, 1u) == static_cast<unsigned>(blocks - 1);
 		__syncthreads();
 		if (!last) return;
 		__threadfence();
