@@ -110,7 +110,7 @@ step backend 30 "$OUT/build.log" "$PY -c 'import tdmpc2_moe'" -- \
 TESTS="test_ops.py test_history.py test_gpu_row_path.py test_cuda.py test_moe_block.py test_nvcc.py"
 step tests 150 "$OUT/tests.log" "cd tests && $PY -m pytest -q --collect-only -p no:cacheprovider $TESTS | tail -1" -- \
 	bash -c "cd tests && $PY -m pytest -q -rs -p no:cacheprovider $TESTS"
-step cuda_graph 60 "$OUT/tests.log" "cd tests && $PY -m pytest -q --collect-only -p no:cacheprovider test_cuda.py -k graph | grep -q graph" -- \
+step cuda_graph 60 "$OUT/tests.log" "cd tests && $PY -m pytest -q --collect-only -p no:cacheprovider test_cuda.py -k graph | grep -c graph" -- \
 	bash -c "cd tests && $PY -m pytest -q -rs -p no:cacheprovider test_cuda.py -k 'graph or stream or compile'"
 
 # 3. compute-sanitizer on the small workload (the caching allocator off, so out-of-bounds accesses are
