@@ -10,8 +10,8 @@
 //     polynomial of gate_exp), the CUDA team's shuffle/shared-memory reductions and the statistics'
 //     reduction across blocks.
 //
-// Template parameter EB: a compile-time bound on E (4, 8, 16 or 32) lets the compiler unroll the
-// loops and keep a row in registers; EB == 0 means "E only known at run time".
+// Template parameter EB (thread-per-row functions): a compile-time bound on E (4, 8, 16 or 32) lets the
+// compiler unroll the loops and keep a row in registers; entries e..EB-1 are padding.
 #pragma once
 
 #include <math.h>
@@ -34,12 +34,6 @@
 
 namespace tdmpc2_moe {
 
-// Loop bound: the compile-time bucket when there is one (so the loop unrolls), E otherwise.
-template <int EB>
-GATE_HD int gate_bound(int e) {
-	return EB > 0 ? EB : e;
-}
-
 // NaN compares as -inf, so a NaN row still yields a strict order and valid indices.
 GATE_HD float gate_key(float v) {
 	return v != v ? -INFINITY : v;
@@ -47,16 +41,13 @@ GATE_HD float gate_key(float v) {
 
 // Adds v to a[i]. With a compile-time bound the index is matched by an unrolled compare, so a row
 // held in registers is never spilled to local memory by a dynamic index.
+// An index outside [0, EB) (e.g. -1 from gate_index) matches nothing.
 template <int EB>
-GATE_HD void gate_add_at(float* a, int e, int i, float v) {
-	if (EB > 0) {
-		const int n = gate_bound<EB>(e);
+GATE_HD void gate_add_at(float* a, int i, float v) {
+	static_assert(EB > 0, "a compile-time bound");
 GATE_UNROLL
-		for (int j = 0; j < n; ++j)
-			if (j == i) a[j] += v;
-	} else if (i >= 0 && i < e) {
-		a[i] += v;
-	}
+	for (int j = 0; j < EB; ++j)
+		if (j == i) a[j] += v;
 }
 
 // exp(x) for the softmax argument x - max <= 0. The device uses expf. The host uses a branch-free
@@ -86,18 +77,14 @@ GATE_HD float gate_exp(float x) {
 #endif
 }
 
-// a[i], read without a dynamic index when the bound is compile-time (see gate_add_at).
+// a[i], read without a dynamic index (see gate_add_at); 0 for an index outside [0, EB).
 template <int EB>
-GATE_HD float gate_value_at(const float* a, int e, int i) {
-	if (EB > 0) {
-		float v = 0.f;
-		const int n = gate_bound<EB>(e);
+GATE_HD float gate_value_at(const float* a, int i) {
+	float v = 0.f;
 GATE_UNROLL
-		for (int j = 0; j < n; ++j)
-			if (j == i) v = a[j];
-		return v;
-	}
-	return (i >= 0 && i < e) ? a[i] : 0.f;
+	for (int j = 0; j < EB; ++j)
+		if (j == i) v = a[j];
+	return v;
 }
 
 // Reduces a[0..n) with `op` over 8 independent partial results (each starting at `init`), so a long
@@ -159,8 +146,8 @@ GATE_HD float gate_lse(float m, float s, bool has_nan) {
 // EB entries: the caller pads entries e..EB-1 with -inf, which get probability 0 (or NaN when the
 // whole row is NaN) and, having the highest indices, are never selected.
 template <int EB>
-GATE_HD float gate_softmax(float* x, int e) {
-	const int n = gate_bound<EB>(e);
+GATE_HD float gate_softmax(float* x) {
+	const int n = EB;
 	const float m = gate_row_max(x, n);
 	// Only an infinite max needs to know about NaN (see gate_lse); padding entries are -inf, not NaN.
 	const bool has_nan = gate_is_inf(m) && gate_row_has_nan(x, n);
@@ -181,7 +168,7 @@ GATE_UNROLL
 // there even if none remained. Returns the index; stores its probability in *v and its key in *key.
 template <int EB>
 GATE_HD int gate_select_next(const float* p, int e, float prev_k, int prev_i, float* v, float* key) {
-	const int n = gate_bound<EB>(e);
+	const int n = EB;
 	float part[kLanes];
 GATE_UNROLL_LANES
 	for (int l = 0; l < kLanes; ++l) part[l] = -INFINITY;
@@ -212,7 +199,7 @@ GATE_UNROLL
 	}
 	best_i = best_i < e ? best_i : e - 1;
 	*key = best;
-	*v = gate_value_at<EB>(p, e, best_i);
+	*v = gate_value_at<EB>(p, best_i);
 	return best_i;
 }
 
@@ -295,15 +282,15 @@ GATE_HD float gate_pick_grad(float gw, float w_dot, float inv_s, bool renormaliz
 template <int EB>
 GATE_HD void gate_row_backward(float* p, float* out, int e, int k, const float* gw, const int64_t* idx,
 		const float* gpm, float inv_rows, float glse, bool renormalize, float inv_t) {
-	gate_softmax<EB>(p, e);
-	const int n = gate_bound<EB>(e);
+	gate_softmax<EB>(p);
+	const int n = EB;
 	float gpm_dot_p = 0.f;
 GATE_UNROLL
 	for (int j = 0; j < n; ++j)
 		if (j < e) gpm_dot_p += p[j] * gpm[j];
 	float s = 0.f, gw_dot_top = 0.f;
 	for (int j = 0; j < k; ++j) {
-		const float top = gate_value_at<EB>(p, e, gate_index(idx[j], e));
+		const float top = gate_value_at<EB>(p, gate_index(idx[j], e));
 		s += top;
 		gw_dot_top += gw[j] * top;
 	}
@@ -314,7 +301,7 @@ GATE_UNROLL
 	const float inv_s = 1.f / s, w_dot = gw_dot_top * inv_s;
 	for (int j = 0; j < k; ++j) {
 		const int i = gate_index(idx[j], e);
-		gate_add_at<EB>(out, e, i, gate_value_at<EB>(p, e, i) * gate_pick_grad(gw[j], w_dot, inv_s, renormalize) * inv_t);
+		gate_add_at<EB>(out, i, gate_value_at<EB>(p, i) * gate_pick_grad(gw[j], w_dot, inv_s, renormalize) * inv_t);
 	}
 }
 
@@ -324,10 +311,10 @@ GATE_UNROLL
 // and returns the row's logsumexp.
 template <int EB>
 GATE_HD float gate_forward_row(float* x, int e, int k, bool renormalize, float* w, int64_t* idx, float* count) {
-	const float lse = gate_softmax<EB>(x, e);
+	const float lse = gate_softmax<EB>(x);
 	const float sum = gate_topk<EB>(x, e, k, w, idx);
 	if (renormalize) gate_renormalize(w, k, sum);
-	for (int j = 0; j < k; ++j) gate_add_at<EB>(count, e, static_cast<int>(idx[j]), 1.f);
+	for (int j = 0; j < k; ++j) gate_add_at<EB>(count, static_cast<int>(idx[j]), 1.f);
 	return lse;
 }
 

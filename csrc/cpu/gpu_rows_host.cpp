@@ -59,7 +59,7 @@ GateOutputs forward_rows(const at::Tensor& logits_in, int64_t k64, double temper
 			const float* row = src + r * e;
 			float* wr = w + r * k;
 			int64_t* ir = idx + r * k;
-			int64_t pos;
+			int64_t pos = 0;
 			const bool record = gate_ring_slot(*cur, r, n, capacity, &pos);
 			if constexpr (EB > 0) {
 				float x[EB], count[EB];

@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kRowsPerBlock, EB <= 16 ? 4 : 1) gate_forward_
 		p.lse[r] = gate_forward_row<EB>(x, e, k, p.renormalize, w, idx, count);
 #pragma unroll
 		for (int j = 0; j < EB; ++j) prob[j] += j < e ? x[j] : 0.f;
-		int64_t pos;
+		int64_t pos = 0;
 		if (p.ring && gate_ring_slot(cursor, r, p.n, p.capacity, &pos))
 			gate_ring_write<CudaCvt<TRing>>(static_cast<TRing*>(p.ring) + pos * e, e, w, idx, k);
 	}
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kBlock) gate_forward_block(GateForwardParams p
 	for (int64_t r = blockIdx.x; r < p.n; r += gridDim.x) {
 		const TIn* src = static_cast<const TIn*>(p.logits) + r * e;
 		for (int j = threadIdx.x; j < e; j += kBlock) prob[j] = CudaCvt<TIn>::to_float(src[j]) / p.temperature;
-		int64_t pos;
+		int64_t pos = 0;
 		TRing* ring_row = p.ring && gate_ring_slot(cursor, r, p.n, p.capacity, &pos)
 				? static_cast<TRing*>(p.ring) + pos * e
 				: nullptr;
