@@ -43,27 +43,36 @@ def group_by_expert(indices, weights, n_experts):
 	return Grouping(torch.div(order, k, rounding_mode="floor"), weights.reshape(-1)[order], flat[order], counts)
 
 
-def choose(dispatch, *, device_type, rows, n_experts, top_k, orthogonal):
+def static_path(device_type):
+	"""Returns whether the block's sparse form must have static shapes: on CUDA (no host sync) and while torch.compile traces."""
+	return device_type != "cpu" or torch.compiler.is_compiling()
+
+
+def choose(dispatch, *, static, rows, n_experts, top_k, orthogonal):
 	"""
-	Returns "dense" or "sparse" for a block's `dispatch` setting and the shape at hand. Sparse is
+	Returns "dense" or "sparse" for a block's `dispatch` setting and the shape at hand; `static` says
+	which sparse path would run (`static_path`: the padded one, else the exact groups). Sparse is
 	meaningless with `orthogonal` (each row's E features are orthonormalised together, so every expert
-	must run on every row: MoEBlock refuses dispatch="sparse" with it) and gains nothing when
-	top_k == n_experts (every expert runs on every row either way); "auto" picks dense then.
-	Otherwise "auto" follows the measurements in benchmarks/dispatch.md: on the CPU sparse when
-	E / k >= 2 and the slots per expert (rows * k / E) are at least MIN_ROWS_PER_EXPERT_CPU; on CUDA
-	sparse when E / k >= 4 (unmeasured on a GPU so far: the padded path computes up to twice the
-	routed rows, so it needs a wider margin to pay).
+	runs on every row: MoEBlock refuses dispatch="sparse" with it) and gains nothing when
+	top_k == n_experts (every expert runs on every row either way); "auto" picks dense then, and for
+	an empty batch. Otherwise "auto" follows the CPU measurements in benchmarks/dispatch.md:
+	- exact groups: sparse from SPARSE_MIN_ROWS rows when E >= 2k (at 8 rows, E=4 k=2 measured even),
+	  from SPARSE_MIN_ROWS_NARROW rows when k < E < 2k (E=3 k=2 lost at 8 rows, was even at 24);
+	- padded (CUDA, torch.compile): sparse when E >= 2k and the mean slots per expert, rows * k / E,
+	  reach PADDED_MIN_SLOTS_PER_EXPERT. Not yet measured on a GPU: the rule is the CPU's.
 	"""
 	if dispatch != "auto":
 		return dispatch
 	if orthogonal or top_k == n_experts or rows == 0:
 		return "dense"
-	if device_type == "cpu":
-		return "sparse" if n_experts >= 2 * top_k and rows * top_k >= MIN_ROWS_PER_EXPERT_CPU * n_experts else "dense"
-	return "sparse" if n_experts >= 4 * top_k else "dense"
+	if static:
+		return "sparse" if n_experts >= 2 * top_k and rows * top_k >= PADDED_MIN_SLOTS_PER_EXPERT * n_experts else "dense"
+	return "sparse" if rows >= (SPARSE_MIN_ROWS if n_experts >= 2 * top_k else SPARSE_MIN_ROWS_NARROW) else "dense"
 
 
-MIN_ROWS_PER_EXPERT_CPU = 16
+SPARSE_MIN_ROWS = 16
+SPARSE_MIN_ROWS_NARROW = 64
+PADDED_MIN_SLOTS_PER_EXPERT = 64
 
 
 def _combine(y, grouping, n_rows):
@@ -93,12 +102,15 @@ def run_grouped(layers, x, grouping):
 
 def tile_rows(slots, n_experts):
 	"""
-	Returns the tile size T of the padded path for `slots` = N*k routing slots: about a quarter of the
-	mean slots per expert, as a power of two in 8..128. The padded buffer holds up to
-	slots + E * (T - 1) rows, so a smaller T wastes fewer rows and a larger one runs fewer, larger matmuls.
+	Returns the tile size T of the padded path for `slots` = N*k routing slots: half the mean slots per
+	expert, rounded down to a power of two in 8..1024. The padded buffer holds up to
+	slots + E * (T - 1) rows (at most about 1.5x the slots here), and each tile gathers its expert's
+	weights (and its weight gradient is reduced back per tile): a smaller T wastes fewer rows, a
+	larger one gathers fewer weight copies. Measured on the CPU (benchmarks/dispatch.md), this T beat
+	a quarter of the mean capped at 128 at every shape tried, by up to 1.6x at N=8192, E=4, k=2.
 	"""
-	mean = max(slots // (4 * n_experts), 1)
-	return min(128, max(8, 1 << (mean.bit_length() - 1)))
+	half = max(slots // (2 * n_experts), 1)
+	return min(1024, max(8, 1 << (half.bit_length() - 1)))
 
 
 def run_padded(layers, x, grouping, n_experts):

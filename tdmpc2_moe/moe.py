@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import check_int, check_number
-from .dispatch import DISPATCHES, choose, group_by_expert, run_grouped, run_padded
+from .dispatch import DISPATCHES, choose, group_by_expert, run_grouped, run_padded, static_path
 from .history import GateHistory, routing_entropy
 from .moe_options import AdaptiveTemperature, SharedLinear, check_options, kl_to_uniform
 from .ops import orthonormalize, topk_gate
@@ -269,10 +269,10 @@ class MoEBlock(nn.Module):
 		gate = self.route(x, self.history)
 		if self.dispatch_for(x) == "sparse" and x.shape[0]:
 			grouping = group_by_expert(gate.indices, gate.weights, self.n_experts)
-			if x.device.type == "cpu" and not torch.compiler.is_compiling():
-				out = run_grouped(self.expert_layers, x, grouping)
-			else:
+			if static_path(x.device.type):
 				out = run_padded(self.expert_layers, x, grouping, self.n_experts)
+			else:
+				out = run_grouped(self.expert_layers, x, grouping)
 		else:
 			out = self._dense(x, gate)
 		if self.shared_head:
@@ -290,7 +290,7 @@ class MoEBlock(nn.Module):
 
 	def dispatch_for(self, x):
 		"""Returns "dense" or "sparse": how the block runs the rows `x` [N, in_dim] (`dispatch.choose`)."""
-		return choose(self.dispatch, device_type=x.device.type, rows=x.shape[0], n_experts=self.n_experts,
+		return choose(self.dispatch, static=static_path(x.device.type), rows=x.shape[0], n_experts=self.n_experts,
 					  top_k=self.top_k, orthogonal=self.orthogonal)
 
 	def _dense(self, x, gate):

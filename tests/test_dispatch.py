@@ -17,6 +17,7 @@ from tdmpc2_moe.moe import MoEBlock
 pytestmark = pytest.mark.filterwarnings("ignore:tdmpc2_moe._C is not built")
 
 IN, HIDDEN, OUT = 12, [32, 24], 16
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = sorted({(e, k) for e in (1, 2, 4, 8, 16) for k in (1, 2, e) if k <= e})
 
 
@@ -28,11 +29,11 @@ class SimNormLike(nn.Module):
 		return F.softmax(x.view(*shp[:-1], -1, 8), dim=-1).view(*shp)
 
 
-def _twins(dtype=torch.float64, spread=True, **kwargs):
+def _twins(dtype=torch.float64, spread=True, device="cpu", **kwargs):
 	"""Returns (dense, sparse): the same block (same parameters and buffers) with each dispatch."""
 	torch.manual_seed(0)
 	kwargs = dict(dict(n_experts=4, top_k=2, aux_coef=0.5, zloss_coef=0.1, history_rows=None), **kwargs)
-	dense = MoEBlock(IN, HIDDEN, OUT, dispatch="dense", **kwargs).to(dtype)
+	dense = MoEBlock(IN, HIDDEN, OUT, dispatch="dense", **kwargs).to(device, dtype)
 	if spread:
 		# Spread the gate so the top-k choice is not decided by rounding.
 		nn.init.normal_(dense.gate.weight, std=1.0)
@@ -62,10 +63,12 @@ def _assert_same(a, b, rtol=1e-7, atol=1e-9):
 
 @pytest.mark.parametrize("n_experts,top_k", CASES, ids=[f"E{e}k{k}" for e, k in CASES])
 @pytest.mark.parametrize("lead", [(40,), (3, 7), (2, 3, 5)], ids=lambda s: "x".join(map(str, s)))
-def test_sparse_equals_dense_values_and_gradients(n_experts, top_k, lead):
-	dense, sparse = _twins(n_experts=n_experts, top_k=top_k)
-	x = torch.randn(*lead, IN, dtype=torch.float64)
-	target = torch.randn(*lead, OUT, dtype=torch.float64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sparse_equals_dense_values_and_gradients(n_experts, top_k, lead, device):
+	# On the CPU the block runs the exact groups, on CUDA the padded static-shape path.
+	dense, sparse = _twins(n_experts=n_experts, top_k=top_k, device=device)
+	x = torch.randn(*lead, IN, dtype=torch.float64, device=device)
+	target = torch.randn(*lead, OUT, dtype=torch.float64, device=device)
 	assert sparse.dispatch_for(x.reshape(-1, IN)) == "sparse"
 	_assert_same(_run(sparse, x, target), _run(dense, x, target))
 
@@ -197,13 +200,16 @@ def test_nan_rows_stay_in_their_rows(path):
 
 
 def test_auto_rule_and_refusals():
-	assert choose("dense", device_type="cpu", rows=8192, n_experts=16, top_k=1, orthogonal=False) == "dense"
-	assert choose("sparse", device_type="cpu", rows=4, n_experts=4, top_k=4, orthogonal=False) == "sparse"
-	for device in ("cpu", "cuda"):
-		assert choose("auto", device_type=device, rows=8192, n_experts=16, top_k=1, orthogonal=True) == "dense"
-		assert choose("auto", device_type=device, rows=8192, n_experts=8, top_k=8, orthogonal=False) == "dense"
-		assert choose("auto", device_type=device, rows=0, n_experts=8, top_k=1, orthogonal=False) == "dense"
-		assert choose("auto", device_type=device, rows=8192, n_experts=16, top_k=1, orthogonal=False) == "sparse"
+	assert choose("dense", static=False, rows=8192, n_experts=16, top_k=1, orthogonal=False) == "dense"
+	assert choose("sparse", static=False, rows=4, n_experts=4, top_k=4, orthogonal=False) == "sparse"
+	for static in (False, True):
+		assert choose("auto", static=static, rows=8192, n_experts=16, top_k=1, orthogonal=True) == "dense"
+		assert choose("auto", static=static, rows=8192, n_experts=8, top_k=8, orthogonal=False) == "dense"
+		assert choose("auto", static=static, rows=0, n_experts=8, top_k=1, orthogonal=False) == "dense"
+		assert choose("auto", static=static, rows=8192, n_experts=16, top_k=1, orthogonal=False) == "sparse"
+	# Tiny batches stay dense (measured: no gain at 8 rows for E=4, k=2).
+	assert choose("auto", static=False, rows=8, n_experts=4, top_k=2, orthogonal=False) == "dense"
+	assert choose("auto", static=False, rows=512, n_experts=4, top_k=2, orthogonal=False) == "sparse"
 	with pytest.raises(ValueError, match="dispatch"):
 		MoEBlock(IN, HIDDEN, OUT, dispatch="fast")
 	with pytest.raises(ValueError, match="dispatch='sparse' cannot run with orthogonal"):
@@ -234,6 +240,19 @@ def test_torch_compile_fullgraph_matches_eager(dispatch, backend):
 			torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
 	with torch.no_grad():
 		assert compiled(x).grad_fn is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (checks for device-to-host synchronisation)")
+def test_sparse_forward_and_backward_never_synchronise_with_the_host_on_cuda():
+	block = MoEBlock(IN, HIDDEN, OUT, n_experts=8, top_k=2, dispatch="sparse").cuda()
+	x = torch.randn(300, IN, device="cuda", requires_grad=True)
+	block(x).square().mean().backward()  # first call: allocations, lazy initialisation
+	torch.cuda.synchronize()
+	torch.cuda.set_sync_debug_mode("error")
+	try:
+		block(x).square().mean().backward()
+	finally:
+		torch.cuda.set_sync_debug_mode("default")
 
 
 def test_grouping_is_a_stable_permutation_of_the_slots():
@@ -279,3 +298,12 @@ def test_patched_update_and_act_with_sparse_dispatch_match_dense(walker_cfg, mak
 		actions[dispatch] = agent.act(obs, t0=True, eval_mode=True)
 	assert actions["sparse"].shape == (6,) and torch.isfinite(actions["sparse"]).all()
 	torch.testing.assert_close(actions["sparse"], actions["dense"], rtol=1e-3, atol=1e-4)
+
+
+def test_moe_dispatch_setting_reaches_the_blocks_and_rejects_other_values():
+	from tdmpc2_moe.settings import MoESettings
+	assert MoESettings.resolve().moe_dispatch == "auto"
+	assert MoESettings.resolve(moe_dispatch="sparse").block_kwargs()["dispatch"] == "sparse"
+	assert MoESettings.resolve({"moe_dispatch": "dense"}).block_kwargs()["dispatch"] == "dense"
+	with pytest.raises(ValueError, match="moe_dispatch"):
+		MoESettings.resolve(moe_dispatch="grouped")
