@@ -162,8 +162,8 @@ def summarize_dispatch(benches):
 			plain = median.get((mode, rows, *DISPATCH_EXPERTS[0], "plain"), float("nan"))
 			for e, k in DISPATCH_EXPERTS:
 				m = {v: median.get((mode, rows, e, k, v), float("nan")) for v in DISPATCH_VARIANTS}
-				auto = choose("auto", static=False, rows=rows, n_experts=e, top_k=k, orthogonal=False)
-				auto_static = choose("auto", static=True, rows=rows, n_experts=e, top_k=k, orthogonal=False)
+				rule = dict(grad=mode == "train", rows=rows, n_experts=e, top_k=k, orthogonal=False)
+				auto, auto_static = choose("auto", static=False, **rule), choose("auto", static=True, **rule)
 				faster = "sparse" if m["sparse"] < m["dense"] else "dense"
 				lines.append(f"| {mode} | {rows} | {e} | {k} | {plain:.2f} | {m['dense']:.2f} | {m['sparse']:.2f} "
 							 f"| {m['padded']:.2f} | {m['sparse'] / m['dense']:.2f}x | {m['padded'] / m['dense']:.2f}x "

@@ -191,7 +191,7 @@ def test_bookkeeping_alone(benchmark, root, monkeypatch):
 
 
 def _leaky_of(variant):
-	return "leaky_fork_e8k1" if variant.startswith("moe_e8k1") else "leaky_fork"
+	return "leaky_fork_e8k1" if "e8k1" in variant else "leaky_fork"
 
 
 def summarize(path):
@@ -205,10 +205,10 @@ def summarize(path):
 	for variant in VARIANTS:
 		cells = []
 		for group in ("update", "act"):
-			m = median.get((group, variant), float("nan"))
+			m = median.get((group, variant))
 			plain = median.get((group, "plain"), float("nan"))
 			leaky = median.get((group, _leaky_of(variant)), float("nan"))
-			cells.append(f"{m:.1f} | {m / plain:.2f}x | {m / leaky:.2f}x")
+			cells.append("- | - | -" if m is None else f"{m:.1f} | {m / plain:.2f}x | {m / leaky:.2f}x")
 		lines.append(f"| {variant} | {' | '.join(cells)} |")
 	return "\n".join(lines)
 

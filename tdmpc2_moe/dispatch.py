@@ -48,31 +48,36 @@ def static_path(device_type):
 	return device_type != "cpu" or torch.compiler.is_compiling()
 
 
-def choose(dispatch, *, static, rows, n_experts, top_k, orthogonal):
+def choose(dispatch, *, static, grad, rows, n_experts, top_k, orthogonal):
 	"""
 	Returns "dense" or "sparse" for a block's `dispatch` setting and the shape at hand; `static` says
-	which sparse path would run (`static_path`: the padded one, else the exact groups). Sparse is
+	which sparse path would run (`static_path`: the padded one, else the exact groups), `grad` whether
+	autograd records the forward (a backward will follow). Sparse is
 	meaningless with `orthogonal` (each row's E features are orthonormalised together, so every expert
 	runs on every row: MoEBlock refuses dispatch="sparse" with it) and gains nothing when
 	top_k == n_experts (every expert runs on every row either way); "auto" picks dense then, and for
 	an empty batch. Otherwise "auto" follows the CPU measurements in benchmarks/dispatch.md:
 	- exact groups: sparse from SPARSE_MIN_ROWS rows when E >= 2k (at 8 rows, E=4 k=2 measured even),
 	  from SPARSE_MIN_ROWS_NARROW rows when k < E < 2k (E=3 k=2 lost at 8 rows, was even at 24);
-	- padded (CUDA, torch.compile): sparse when E >= 2k and the mean slots per expert, rows * k / E,
-	  reach PADDED_MIN_SLOTS_PER_EXPERT. Not yet measured on a GPU: the rule is the CPU's.
+	- padded (CUDA, torch.compile): sparse when E >= 2k, from SPARSE_MIN_ROWS rows without grad
+	  (it won every no_grad shape measured) and from PADDED_MIN_ROWS_GRAD rows with grad (its backward
+	  reduces a weight gradient per tile: at 256 rows it lost up to 1.3x for k=2, at 1536 it won
+	  every shape). Not yet measured on a GPU: the rule is the CPU's.
 	"""
 	if dispatch != "auto":
 		return dispatch
 	if orthogonal or top_k == n_experts or rows == 0:
 		return "dense"
 	if static:
-		return "sparse" if n_experts >= 2 * top_k and rows * top_k >= PADDED_MIN_SLOTS_PER_EXPERT * n_experts else "dense"
+		if n_experts < 2 * top_k:
+			return "dense"
+		return "sparse" if rows >= (PADDED_MIN_ROWS_GRAD if grad else SPARSE_MIN_ROWS) else "dense"
 	return "sparse" if rows >= (SPARSE_MIN_ROWS if n_experts >= 2 * top_k else SPARSE_MIN_ROWS_NARROW) else "dense"
 
 
 SPARSE_MIN_ROWS = 16
 SPARSE_MIN_ROWS_NARROW = 64
-PADDED_MIN_SLOTS_PER_EXPERT = 64
+PADDED_MIN_ROWS_GRAD = 1024
 
 
 def _combine(y, grouping, n_rows):

@@ -290,8 +290,8 @@ class MoEBlock(nn.Module):
 
 	def dispatch_for(self, x):
 		"""Returns "dense" or "sparse": how the block runs the rows `x` [N, in_dim] (`dispatch.choose`)."""
-		return choose(self.dispatch, static=static_path(x.device.type), rows=x.shape[0], n_experts=self.n_experts,
-					  top_k=self.top_k, orthogonal=self.orthogonal)
+		return choose(self.dispatch, static=static_path(x.device.type), grad=torch.is_grad_enabled(), rows=x.shape[0],
+					  n_experts=self.n_experts, top_k=self.top_k, orthogonal=self.orthogonal)
 
 	def _dense(self, x, gate):
 		# Every expert on every row, combined through the dense [N, E] routing matrix.
