@@ -6,9 +6,9 @@ The N*k routing slots (row r's j-th choice is slot r*k + j) are grouped per expe
 scatter-add the per-expert counts. Each expert then runs on its rows only and the outputs come back
 with one weighted `index_add` over the rows. Two ways to run the groups:
 
-- `run_grouped`: one GEMM per layer per expert on exactly its rows. The group sizes are read on the
-  host (`counts.tolist()`), so the shapes depend on the data: used on the CPU in eager mode, where
-  reading a CPU tensor costs no device synchronisation.
+- `run_grouped`: one GEMM per layer per expert on exactly its rows. The group boundaries are read
+  from a CPU tensor (`tensor_split` at the counts' cumulative sums), so the shapes depend on the
+  data: used on the CPU in eager mode only, where that read is no device-to-host copy and no sync.
 - `run_padded`: static shapes, no host read, so CUDA-graph safe and traceable by torch.compile
   without data-dependent shapes: each expert's group is padded to a multiple of a tile of T rows and
   placed in a buffer of a fixed number of tiles (an upper bound that holds for any routing), and
@@ -89,12 +89,13 @@ def _combine(y, grouping, n_rows):
 def run_grouped(layers, x, grouping):
 	"""
 	Returns the top-k mixture of the experts made of `layers` (ExpertLinear) for rows `x` [N, in]:
-	one GEMM per layer per expert on its rows. Reads the group sizes on the host (CPU eager only).
+	one GEMM per layer per expert on its rows. Splits at group boundaries read from the CPU tensor
+	of counts (CPU eager only).
 	Each stacked parameter is split once per forward (`ExpertLinear.expert_views`, one `unbind`):
 	its backward writes one stacked gradient, with zeros for experts that got no rows.
 	"""
 	views = [layer.expert_views() for layer in layers]
-	chunks = x.index_select(0, grouping.rows).split(grouping.counts.tolist())
+	chunks = x.index_select(0, grouping.rows).tensor_split(torch.cumsum(grouping.counts, 0)[:-1])
 	outs = []
 	for e, h in enumerate(chunks):
 		if h.shape[0] == 0:
