@@ -5,15 +5,19 @@ bandwidth against torch.clone of the logits.
 
 Full table:   pytest benchmarks/test_gating.py --benchmark-json=out/gating.json
 Quick subset: pytest benchmarks/test_gating.py -k "N512-E8-k2 or bandwidth"
+Autograd path (eager vs torch.compile, with and without history): pytest benchmarks/test_gating.py -k autograd_path
+On a GPU: TDMPC2_MOE_BENCH_DEVICE=cuda (every timed call then ends with torch.cuda.synchronize()).
 """
 import functools
+import os
 
 import pytest
 import torch
 
-from tdmpc2_moe import topk_gate
+from tdmpc2_moe import GateHistory, topk_gate
 from tdmpc2_moe.reference import topk_gate_reference
 
+DEVICE = torch.device(os.environ.get("TDMPC2_MOE_BENCH_DEVICE", "cpu"))
 SHAPES = [(n, e, k) for n in (256, 512, 1536, 8192) for e in (4, 8, 16, 64) for k in (1, 2)]
 # Every graph below is a recompilation of the same code object (the reference), one per shape and mode;
 # past dynamo's default limit (8) the rest would silently run the reference eagerly and be timed as "compiled".
@@ -34,6 +38,18 @@ def _impl(name, n, e, k):
 	return _compiled_reference(n, e, k)
 
 
+def _synced(fn):
+	"""Returns fn, followed by a device synchronisation on CUDA (so the benchmark times the kernels, not their launch)."""
+	if DEVICE.type != "cuda":
+		return fn
+
+	def call(*args):
+		out = fn(*args)
+		torch.cuda.synchronize()
+		return out
+	return call
+
+
 def _forward_backward(fn, x):
 	gate = fn(x)
 	loss = gate.weights.sum() + gate.expert_prob_mean.square().sum() + gate.lse.sum()
@@ -48,22 +64,24 @@ def test_gating(benchmark, impl, mode, n, e, k):
 	fn = _impl(impl, n, e, k)
 	benchmark.group = f"{mode} N={n} E={e} k={k}"
 	benchmark.extra_info.update(impl=impl, mode=mode, n=n, e=e, k=k)
+	benchmark.extra_info.update(device=str(DEVICE))
 	if mode == "fwd":
-		x = torch.randn(n, e)
+		x = torch.randn(n, e, device=DEVICE)
 		fn(x)  # compile / warm up outside the timing
-		benchmark(fn, x)
+		benchmark(_synced(fn), x)
 	else:
-		x = torch.randn(n, e, requires_grad=True)
+		x = torch.randn(n, e, device=DEVICE, requires_grad=True)
 		_forward_backward(fn, x)
-		benchmark(_forward_backward, fn, x)
+		benchmark(_synced(_forward_backward), fn, x)
 
 
+@pytest.mark.parametrize("e", [64, 8])
 @pytest.mark.parametrize("impl", ["fused", "clone"])
-def test_bandwidth(benchmark, impl):
-	"""N=262144, E=64, k=2 forward vs torch.clone of the same logits; extra_info holds the bytes moved."""
-	n, e, k = 262144, 64, 2
-	x = torch.randn(n, e)
-	benchmark.group = "bandwidth N=262144 E=64 k=2"
+def test_bandwidth(benchmark, impl, e):
+	"""N=262144, k=2 forward vs torch.clone of the same logits; extra_info holds the bytes moved."""
+	n, k = 262144, 2
+	x = torch.randn(n, e, device=DEVICE)
+	benchmark.group = f"bandwidth N=262144 E={e} k=2"
 	if impl == "fused":
 		# Reads the logits; writes weights (f32) and indices (i64) [N, k], lse [N], two [E] statistics.
 		moved = x.numel() * 4 + n * k * (4 + 8) + n * 4 + 2 * e * 4
@@ -71,8 +89,37 @@ def test_bandwidth(benchmark, impl):
 	else:
 		moved = 2 * x.numel() * 4
 		fn = torch.clone
-	benchmark.extra_info.update(impl=impl, bytes=moved)
-	benchmark.pedantic(fn, (x,), rounds=15, warmup_rounds=2)
+	benchmark.extra_info.update(impl=impl, bytes=moved, e=e, device=str(DEVICE))
+	benchmark.pedantic(_synced(fn), (x,), rounds=15, warmup_rounds=2)
+
+
+def _gate_loss(x, history):
+	gate = topk_gate(x, 2, history=history)
+	return gate.weights.sum() + gate.expert_prob_mean.square().sum() + gate.lse.sum()
+
+
+_compiled_gate_loss = torch.compile(_gate_loss, fullgraph=True)
+
+
+@pytest.mark.parametrize("history", [False, True], ids=["plain", "history"])
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_autograd_path(benchmark, path, history):
+	"""
+	N=512, E=8, k=2 forward + backward of topk_gate called eagerly and inside torch.compile(fullgraph=True)
+	(upstream TD-MPC2's default, compile=true): what the op's autograd registration costs where users run it.
+	"""
+	torch.manual_seed(0)
+	x = torch.randn(512, 8, device=DEVICE, requires_grad=True)
+	h = GateHistory(4096, 8, device=DEVICE) if history else None
+	fn = _compiled_gate_loss if path == "compiled" else _gate_loss
+	benchmark.group = f"autograd path {'with' if history else 'without'} history N=512 E=8 k=2"
+	benchmark.extra_info.update(path=path, history=history, device=str(DEVICE))
+
+	def step():
+		return torch.autograd.grad(fn(x, h), x)
+	step()
+	step()
+	benchmark(_synced(step))
 
 
 def markdown_table(path):
@@ -92,12 +139,21 @@ def markdown_table(path):
 			f, r, c = (median.get((mode, n, e, k, impl)) for impl in ("fused", "reference", "compiled"))
 			if None not in (f, r, c):
 				lines.append(f"| {mode} | {n} | {e} | {k} | {f:.1f} | {r:.1f} | {c:.1f} | {r / f:.2f}x | {c / f:.2f}x |")
-	band = {b["extra_info"]["impl"]: b for b in runs if b["group"] and b["group"].startswith("bandwidth")}
-	if len(band) == 2:
-		rate = {impl: b["extra_info"]["bytes"] / b["stats"]["median"] / 1e9 for impl, b in band.items()}
-		lines += ["", "| N=262144 E=64 k=2 forward | median ms | GB/s |", "|---|---|---|"]
-		lines += [f"| {impl} | {band[impl]['stats']['median'] * 1e3:.1f} | {rate[impl]:.2f} |" for impl in ("fused", "clone")]
-		lines.append(f"\nfused / clone byte rate: {rate['fused'] / rate['clone']:.3f}")
+	for e in (64, 8):
+		band = {b["extra_info"]["impl"]: b for b in runs if b["group"] == f"bandwidth N=262144 E={e} k=2"}
+		if len(band) == 2:
+			rate = {impl: b["extra_info"]["bytes"] / b["stats"]["median"] / 1e9 for impl, b in band.items()}
+			lines += ["", f"| N=262144 E={e} k=2 forward | median ms | GB/s |", "|---|---|---|"]
+			lines += [f"| {impl} | {band[impl]['stats']['median'] * 1e3:.3f} | {rate[impl]:.2f} |" for impl in ("fused", "clone")]
+			lines.append(f"\nE={e}: fused / clone byte rate: {rate['fused'] / rate['clone']:.3f}")
+	path_runs = {(b["extra_info"]["path"], b["extra_info"]["history"]): b["stats"]["median"] * 1e6
+				 for b in runs if "path" in b["extra_info"]}
+	if path_runs:
+		lines += ["", "| autograd path N=512 E=8 k=2 fwd+bwd | eager µs | compiled µs |", "|---|---|---|"]
+		for history in (False, True):
+			eager, compiled = path_runs.get(("eager", history)), path_runs.get(("compiled", history))
+			if eager and compiled:
+				lines.append(f"| {'with' if history else 'without'} history | {eager:.1f} | {compiled:.1f} |")
 	return "\n".join(lines)
 
 

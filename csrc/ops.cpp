@@ -1,9 +1,8 @@
-// Operator schemas of tdmpc2_moe and their CPU kernels. Importing tdmpc2_moe._C runs the static
-// registrations below; the module itself only carries WITH_CUDA (whether CUDA kernels were built).
+// Operator schemas of tdmpc2_moe (TORCH_LIBRARY). Importing tdmpc2_moe._C runs the static registrations
+// of this file and of the kernels' files (cpu/, cuda/, autograd.cpp); the module itself only carries
+// WITH_CUDA (whether CUDA kernels were built).
 #include <Python.h>
 #include <torch/library.h>
-
-#include "cpu/topk_gate.h"
 
 #ifndef TDMPC2_MOE_WITH_CUDA
 #define TDMPC2_MOE_WITH_CUDA 0
@@ -28,20 +27,7 @@ TORCH_LIBRARY(tdmpc2_moe, m) {
 	m.def("topk_gate_record(Tensor logits, int k, float temperature, bool renormalize, Tensor(a!) ring, "
 		  "Tensor(b!) cursor) -> "
 		  "(Tensor weights, Tensor indices, Tensor expert_prob_mean, Tensor expert_frac, Tensor lse)");
-	// The same computation under a C++ autograd Function (eager_autograd.cpp): what tdmpc2_moe.ops calls
-	// outside torch.compile, to skip the per-call cost of the Python autograd kernels of the ops above.
-	m.def("topk_gate_eager(Tensor logits, int k, float temperature, bool renormalize) -> "
-		  "(Tensor weights, Tensor indices, Tensor expert_prob_mean, Tensor expert_frac, Tensor lse)");
-	m.def("topk_gate_record_eager(Tensor logits, int k, float temperature, bool renormalize, Tensor(a!) ring, "
-		  "Tensor(b!) cursor) -> "
-		  "(Tensor weights, Tensor indices, Tensor expert_prob_mean, Tensor expert_frac, Tensor lse)");
 	// Gradients of outputs the loss does not use may be None (no zero tensors are made for them).
 	m.def("topk_gate_backward(Tensor? grad_weights, Tensor? grad_prob_mean, Tensor? grad_lse, Tensor logits, "
 		  "Tensor indices, float temperature, bool renormalize) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(tdmpc2_moe, CPU, m) {
-	m.impl("topk_gate", &tdmpc2_moe::topk_gate_cpu);
-	m.impl("topk_gate_record", &tdmpc2_moe::topk_gate_record_cpu);
-	m.impl("topk_gate_backward", &tdmpc2_moe::topk_gate_backward_cpu);
 }

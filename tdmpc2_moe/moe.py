@@ -238,10 +238,11 @@ class MoEBlock(nn.Module):
 
 	def route(self, x, history=None):
 		"""
-		Returns the `Gate` of the rows `x` [N, in_dim] as the block routes them: the gate reads the
-		`gate_dims` columns, at the current temperature (the adaptive one when `target_entropy` is set).
-		With `history` (a GateHistory) the routing is recorded there too.
+		Returns the `Gate` of the rows of `x` [..., in_dim] (flattened to N rows) as the block routes
+		them: the gate reads the `gate_dims` columns, at the current temperature (the adaptive one when
+		`target_entropy` is set). With `history` (a GateHistory) the routing is recorded there too.
 		"""
+		x = x.reshape(-1, self.in_dim)
 		logits = self.gate(x if self.gate_dims is None else x[:, self.gate_dims[0]:self.gate_dims[1]])
 		if self.adaptive_temperature is None:
 			return topk_gate(logits, self.top_k, temperature=self.temperature, history=history)
@@ -261,7 +262,11 @@ class MoEBlock(nn.Module):
 		return aux
 
 	def forward(self, x):
-		"""Returns the top-k mixture of expert outputs, shape [..., out_dim] for `x` [..., in_dim]."""
+		"""
+		Returns the top-k mixture of expert outputs (with `orthogonal`, of their orthonormalised
+		features; with `shared_head`, passed through the shared last layer), [..., out_dim] for `x`
+		[..., in_dim]. A training forward (train mode, grad enabled) also steps the adaptive temperature.
+		"""
 		if x.shape[-1] != self.in_dim:
 			raise ValueError(f"x must have last dimension in_dim={self.in_dim}, got shape {tuple(x.shape)}")
 		lead = x.shape[:-1]

@@ -1,4 +1,6 @@
 """topk_gate: fused top-k softmax gating with statistics and device-side history recording."""
+import math
+import struct
 import warnings
 
 import torch
@@ -43,6 +45,14 @@ def _warn_reference():
 					  "for the build on first import", RuntimeWarning, stacklevel=3)
 
 
+def _as_float32(value):
+	"""Returns `value` rounded to float32 (inf past its range; 0 below its smallest subnormal)."""
+	try:
+		return struct.unpack("f", struct.pack("f", value))[0]
+	except OverflowError:
+		return math.inf
+
+
 def _check_args(logits, k, temperature, history):
 	if not isinstance(logits, torch.Tensor):
 		raise ValueError(f"logits must be a tensor, got {type(logits).__name__}")
@@ -55,6 +65,8 @@ def _check_args(logits, k, temperature, history):
 		raise ValueError(f"logits must have 1..1024 experts (columns), got {e}")
 	check_int("k", k, 1, e)
 	check_number("temperature", temperature, positive=True)
+	if not 0.0 < _as_float32(temperature) < math.inf:
+		raise ValueError(f"temperature must stay finite and > 0 as float32 (what the kernels divide by), got {temperature!r}")
 	if history is not None:
 		if history.n_experts != e:
 			raise ValueError(f"history records {history.n_experts} experts but logits have E={e}")
@@ -78,13 +90,11 @@ def topk_gate(logits, k, *, temperature=1.0, renormalize=True, history=None) -> 
 			with torch.no_grad():
 				record_reference(history.ring, history.cursor, gate.weights, gate.indices)
 		return gate
-	# Eager calls take the C++ autograd ops (same kernels, no Python autograd kernel around them);
-	# torch.compile traces the registered ops, whose fake and autograd registrations are Python.
-	eager = not torch.compiler.is_compiling()
+	# One registration serves eager calls, torch.compile and opcheck: the schemas' autograd kernel is
+	# C++ (csrc/autograd.cpp), their fake kernels are below.
 	if history is None:
-		return Gate(*(_topk_gate_eager if eager else _topk_gate)(logits, k, temperature, renormalize))
-	record = _topk_gate_record_eager if eager else _topk_gate_record
-	return Gate(*record(logits, k, temperature, renormalize, history.ring, history.cursor))
+		return Gate(*_topk_gate(logits, k, temperature, renormalize))
+	return Gate(*_topk_gate_record(logits, k, temperature, renormalize, history.ring, history.cursor))
 
 
 def _outputs_like(logits, k):
@@ -107,67 +117,47 @@ def _gate_fake(logits, k, temperature, renormalize):
 	return _outputs_like(logits, k)
 
 
+def _check_fake_device(name, tensor, logits):
+	# The fake kernel also runs eagerly when one argument is on `meta`: it refuses mixed devices as the
+	# device kernels do (ValueError naming the argument).
+	torch._check_value(tensor.device == logits.device,
+					   lambda: f"{name} must be on the device of logits ({logits.device}), got {tensor.device}")
+
+
 def _record_fake(logits, k, temperature, renormalize, ring, cursor):
 	_check_fake(logits, k)
-	torch._check(ring.dim() == 2 and ring.shape[1] == logits.shape[1], lambda: "ring must be [capacity, E]")
-	torch._check(ring.device == logits.device and cursor.device == logits.device,
-				 lambda: "ring and cursor must be on the device of logits")
-	torch._check(cursor.dtype == torch.int64 and cursor.numel() == 1, lambda: "cursor must be one int64")
+	_check_fake_device("ring", ring, logits)
+	_check_fake_device("cursor", cursor, logits)
+	torch._check_value(ring.dim() == 2 and ring.shape[1] == logits.shape[1], lambda: "ring must be [capacity, E]")
+	torch._check_value(ring.dtype in (torch.float32, torch.float16, torch.bfloat16),
+					   lambda: f"ring must be float32, float16 or bfloat16, got {ring.dtype}")
+	torch._check_value(cursor.dtype == torch.int64 and cursor.numel() == 1, lambda: "cursor must be one int64")
 	return _outputs_like(logits, k)
 
 
 def _backward_fake(grad_weights, grad_prob_mean, grad_lse, logits, indices, temperature, renormalize):
-	torch._check(indices.dim() == 2 and indices.shape[0] == logits.shape[0], lambda: "indices must be [N, k]")
+	_check_fake_device("indices", indices, logits)
+	torch._check_value(indices.dtype == torch.int64, lambda: f"indices must be int64, got {indices.dtype}")
+	torch._check_value(indices.dim() == 2 and indices.shape[0] == logits.shape[0], lambda: "indices must be [N, k]")
+	for name, grad in (("grad_weights", grad_weights), ("grad_prob_mean", grad_prob_mean), ("grad_lse", grad_lse)):
+		if grad is not None:
+			_check_fake_device(name, grad, logits)
+			torch._check_value(grad.is_floating_point(), lambda: f"{name} must be floating point, got {grad.dtype}")
 	return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-	# Only logits and indices are saved: the backward recomputes the softmax instead of keeping [N, E] probs.
-	ctx.save_for_backward(inputs[0], output[1])
-	ctx.temperature, ctx.renormalize = inputs[2], inputs[3]
-	ctx.mark_non_differentiable(output[1], output[3])
-	# Unused outputs then arrive as None, and the kernel skips them instead of reading zero tensors.
-	ctx.set_materialize_grads(False)
-
-
-# The backward runs eagerly when the compiled forward's graph ends in a break before backward() (as
-# upstream TD-MPC2's _update does): without this, dynamo would compile these frames as extra graphs.
-@torch.compiler.disable
-def _backward(ctx, grad_weights, grad_indices, grad_prob_mean, grad_frac, grad_lse):
-	logits, indices = ctx.saved_tensors
-	grad = None
-	if ctx.needs_input_grad[0]:
-		grad = _topk_gate_backward(grad_weights, grad_prob_mean, grad_lse, logits, indices,
-								   ctx.temperature, ctx.renormalize)
-	return grad, None, None, None
-
-
-@torch.compiler.disable
-def _backward_record(ctx, *grads):
-	return (*_backward(ctx, *grads), None, None)
 
 
 if _HAVE_C:
 	_topk_gate = torch.ops.tdmpc2_moe.topk_gate.default
 	_topk_gate_record = torch.ops.tdmpc2_moe.topk_gate_record.default
-	_topk_gate_backward = torch.ops.tdmpc2_moe.topk_gate_backward.default
-	_topk_gate_eager = torch.ops.tdmpc2_moe.topk_gate_eager.default
-	_topk_gate_record_eager = torch.ops.tdmpc2_moe.topk_gate_record_eager.default
 	torch.library.register_fake("tdmpc2_moe::topk_gate", _gate_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_record", _record_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_backward", _backward_fake)
-	torch.library.register_autograd("tdmpc2_moe::topk_gate", _backward, setup_context=_setup_context)
-	# register_autograd refuses schemas that mutate (the ring); this builds the same autograd kernel
-	# register_autograd would, and registers it at the Autograd key directly.
-	from torch._library.autograd import Info, make_autograd_impl
-	_lib = torch.library.Library("tdmpc2_moe", "IMPL")
-	_lib.impl("topk_gate_record", make_autograd_impl(_topk_gate_record, Info(_backward_record, _setup_context)),
-			  "Autograd", with_keyset=True)
 
 
 # --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
-# Kept apart from the gating code above. Plain PyTorch: benchmarks/test_orthonormalize.py measures it
-# against torch.compile of the same code and against a MoE update (README there says why no kernel).
+# Kept apart from the gating code above. Plain PyTorch for now (no compiled kernel):
+# benchmarks/test_orthonormalize.py measures it against torch.compile of the same code and against the
+# forward + backward of a MoEBlock with the fork's options.
 from .reference import ORTHONORMALIZE_EPS, orthonormalize_reference  # noqa: E402
 
 

@@ -11,8 +11,8 @@ What `patch()` changes in an unmodified TD-MPC2 checkout, and nothing else.
   `WorldModel.soft_update_target_Q`: also computes the update's MoE metrics (see below).
 - `TDMPC2`: `__init__` (device, `memory_monitor`), `_update` (MoE metrics as tensors, computed in
   the compiled graph that ends upstream's `_update`, so the plugin adds no graph; patched at class
-  level, so `compile=true` compiles the patched function), `update` (steps the monitor,
-  outside the compiled region), `save` / `load` (MoE settings next to the weights), and the new
+  level, so `compile=true` compiles the patched function), `update` (steps the monitor and the
+  gate snapshots, outside the compiled region), `save` / `load` (MoE settings next to the weights), and the new
   `clear_gate_history()` / `gate_stats()`.
 - `RunningScale.__init__`, `Buffer.__init__` / `Buffer._init`: run on `device` (see device.torch_on).
 
@@ -20,12 +20,14 @@ Modules not imported yet are patched as they are imported (the import hook of `_
 may come before or after `import tdmpc2`. `unpatch()` puts every original object back.
 """
 import functools
+import os
 import sys
 
 import torch
 
 from . import _hooks
 from .device import torch_on
+from .gate_snapshots import GateSnapshots
 from .heads import (block_options, built_heads, freeze_experts, head_of_caller, init_experts, moe_blocks,
 					moe_metrics)
 from .moe import MoEBlock
@@ -84,6 +86,10 @@ def _agent_init(original, module):
 			original(self, cfg)
 		interval = settings.monitor_mem_interval
 		self.memory_monitor = MemoryMonitor(interval=interval, device=self.device) if interval else None
+		interval = settings.gate_snapshot_interval
+		self.gate_snapshots = None
+		if interval and settings.use_moe:
+			self.gate_snapshots = GateSnapshots(interval, os.path.join(str(cfg.work_dir), "gates"))
 	return __init__
 
 
@@ -123,6 +129,9 @@ def _agent_update(original):
 			monitor.step()
 			if monitor.steps % monitor.interval == 0:
 				monitor.report()
+		snapshots = getattr(self, "gate_snapshots", None)
+		if snapshots is not None:
+			snapshots.step({h: b for h, b in moe_blocks(self.model).items() if b.history is not None})
 		return info
 	return update
 

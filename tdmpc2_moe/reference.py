@@ -113,8 +113,8 @@ def orthonormalize_reference(features, eps=ORTHONORMALIZE_EPS):
 		# earlier q when x_i is nearly dependent on them, the second removes those.
 		for _ in range(2 if qs else 0):
 			for q in qs:
-				r = r - (r * q).sum(-1, keepdim=True) * q
-		qs.append(r * torch.rsqrt((r * r).sum(-1, keepdim=True).clamp(min=eps * eps)))
+				r = torch.addcmul(r, torch.linalg.vecdot(r, q).unsqueeze(-1), q, value=-1)
+		qs.append(r * torch.rsqrt(torch.linalg.vecdot(r, r).unsqueeze(-1).clamp(min=eps * eps)))
 	if not qs:
 		return features.clone()
 	return torch.stack(qs).to(features.dtype)

@@ -90,6 +90,7 @@ class MoESettings:
 	moe_zloss_coef: float = 0.0
 	gate_history_rows: int = 65536
 	monitor_mem_interval: int = 1000
+	gate_snapshot_interval: int = 0
 	device: object = None
 	moe_init_experts: tuple = ()
 	moe_freeze_experts: bool = False
@@ -103,6 +104,11 @@ class MoESettings:
 	moe_temperature_freeze: int = 0
 	moe_preset: str = None
 	moe_dispatch: str = "auto"
+	# Long runs (checkpoint.py): write work_dir/checkpoints/latest.pt every N environment steps (0: never),
+	# with the replay buffer or not, and continue from it.
+	checkpoint_interval: int = 0
+	checkpoint_buffer: bool = False
+	resume: bool = False
 
 	@classmethod
 	def resolve(cls, cfg=None, **keywords):
@@ -162,6 +168,7 @@ class MoESettings:
 			moe_zloss_coef=check_number("moe_zloss_coef", raw["moe_zloss_coef"], positive=False),
 			gate_history_rows=check_int("gate_history_rows", raw["gate_history_rows"], 0),
 			monitor_mem_interval=check_int("monitor_mem_interval", raw["monitor_mem_interval"], 0),
+			gate_snapshot_interval=check_int("gate_snapshot_interval", raw["gate_snapshot_interval"], 0),
 			device=resolve_device(raw["device"]),
 			moe_init_experts=paths,
 			moe_freeze_experts=_as_bool("moe_freeze_experts", raw["moe_freeze_experts"]),
@@ -176,6 +183,9 @@ class MoESettings:
 			moe_temperature_freeze=check_int("moe_temperature_freeze", raw["moe_temperature_freeze"], 0),
 			moe_preset=None if raw["moe_preset"] is None else _one_of("moe_preset", raw["moe_preset"], PRESETS),
 			moe_dispatch=_one_of("moe_dispatch", raw["moe_dispatch"], DISPATCHES),
+			checkpoint_interval=check_int("checkpoint_interval", raw["checkpoint_interval"], 0),
+			checkpoint_buffer=_as_bool("checkpoint_buffer", raw["checkpoint_buffer"]),
+			resume=_as_bool("resume", raw["resume"]),
 		)
 
 	def block_kwargs(self):

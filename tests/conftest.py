@@ -79,3 +79,29 @@ def fill_buffer(cfg, episodes=2, seed=0):
 def make_buffer():
 	"""Returns `fill_buffer(cfg, episodes=2, seed=0)`, building upstream Buffers of random walker-shaped episodes."""
 	return fill_buffer
+
+
+def _cuda_skip_reason():
+	"""Returns why the cuda variant of a device-parametrised test cannot run here, or None when it can."""
+	if not torch.cuda.is_available():
+		return "no CUDA device (torch.cuda.is_available() is False); scripts/gpu_check.sh runs these on a GPU"
+	from tdmpc2_moe import ops
+	if ops.backend() != "cuda":
+		return f"tdmpc2_moe._C has no CUDA kernels (backend() == {ops.backend()!r}): build with nvcc and a CUDA torch"
+	return None
+
+
+CUDA_SKIP_REASON = _cuda_skip_reason()
+# Devices of the op / GateHistory / MoEBlock suites: "cpu" always, "cuda" when a GPU and the CUDA
+# kernels are there, so the same suite is the GPU's acceptance test. Use with
+# @pytest.mark.parametrize("device", DEVICES).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(CUDA_SKIP_REASON is not None,
+																   reason=CUDA_SKIP_REASON or ""))]
+
+
+@pytest.fixture(params=DEVICES)
+def on_device(request):
+	"""Runs the test once per device of DEVICES with that device as torch's default (factory calls such as
+	torch.randn and GateHistory(...) without a device create there); returns the device name."""
+	with torch.device(request.param):
+		yield request.param

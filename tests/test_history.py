@@ -9,7 +9,7 @@ from tdmpc2_moe.reference import dense_routing
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ring_keeps_the_last_capacity_rows_in_order(dtype):
+def test_ring_keeps_the_last_capacity_rows_in_order(dtype, on_device):
 	torch.manual_seed(0)
 	capacity, e = 64, 8
 	history = GateHistory(capacity, e, dtype=dtype)
@@ -21,19 +21,19 @@ def test_ring_keeps_the_last_capacity_rows_in_order(dtype):
 	assert history.total == 224
 	snap = history.snapshot()
 	assert snap.device.type == "cpu" and snap.shape == (capacity, e)
-	torch.testing.assert_close(snap, rows[-capacity:].to(dtype).float())
+	torch.testing.assert_close(snap, rows[-capacity:].to(dtype).float().cpu())
 
 
-def test_snapshot_before_the_ring_fills_and_after_clear():
+def test_snapshot_before_the_ring_fills_and_after_clear(on_device):
 	history = GateHistory(16, 4)
 	gate = topk_gate(torch.randn(5, 4), 1, history=history)
-	torch.testing.assert_close(history.snapshot(), dense_routing(gate.weights, gate.indices, 4))
+	torch.testing.assert_close(history.snapshot(), dense_routing(gate.weights, gate.indices, 4).cpu())
 	history.clear()
 	assert history.total == 0 and history.snapshot().shape == (0, 4)
 	assert (history.ring == 0).all()
 
 
-def test_stats_on_a_hand_made_case():
+def test_stats_on_a_hand_made_case(on_device):
 	history = GateHistory(8, 4)
 	# k=1 with renormalisation: every row is one-hot, to experts 0, 0, 1, 2.
 	logits = torch.tensor([[5.0, 0, 0, 0], [4.0, 1, 0, 0], [0, 3.0, 0, 0], [0, 0, 2.0, 0]])
@@ -50,7 +50,7 @@ def test_stats_on_a_hand_made_case():
 	torch.testing.assert_close(history.stats()["entropy"], torch.tensor(math.log(2)))
 
 
-def test_stats_over_the_latest_rows_after_the_ring_wraps():
+def test_stats_over_the_latest_rows_after_the_ring_wraps(on_device):
 	history = GateHistory(8, 4)
 	# 11 one-hot rows (the ring wraps): experts 0 x 7, then 1, 2, 3, 3.
 	topk_gate(torch.eye(4)[[0] * 7 + [1, 2, 3, 3]] * 9.0, 1, history=history)
@@ -67,7 +67,7 @@ def test_stats_over_the_latest_rows_after_the_ring_wraps():
 		history.stats(last=0)
 
 
-def test_memory_is_fixed_by_capacity():
+def test_memory_is_fixed_by_capacity(on_device):
 	history = GateHistory(1000, 16)
 	for _ in range(20):
 		topk_gate(torch.randn(300, 16), 2, history=history)
@@ -75,7 +75,7 @@ def test_memory_is_fixed_by_capacity():
 	assert history.total == 6000 and history.snapshot().shape == (1000, 16)
 
 
-def test_module_casts_keep_ring_dtype():
+def test_module_casts_keep_ring_dtype(on_device):
 	# block.double() / model.half() must not turn the ring into a dtype the kernel cannot write.
 	h = GateHistory(4, 3, dtype=torch.bfloat16)
 	h.double()

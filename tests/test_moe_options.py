@@ -4,14 +4,17 @@ written here from the block's parameters (values and gradients), the KL balance 
 the adaptive temperature (direction, bounds, freeze, train-only, checkpoints, torch.compile), defaults.
 """
 import copy
+import gc
 import io
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tdmpc2_moe.baselines import LeakyForkMoEBlock
 from tdmpc2_moe.moe import MoEBlock
 from tdmpc2_moe.ops import orthonormalize
 
@@ -170,6 +173,7 @@ def test_gate_reads_only_its_columns():
 	y[:, :8] = torch.randn(20, 8)
 	a, b = block.route(x), block.route(y)
 	assert torch.equal(a.weights, b.weights) and torch.equal(a.indices, b.indices)
+	assert torch.equal(block.route(x.view(4, 5, IN)).weights, a.weights)
 
 
 def test_kl_term_trains_the_gate_when_the_output_gradient_is_zero():
@@ -276,6 +280,46 @@ def test_temperature_and_freeze_count_survive_save_and_load():
 	assert fresh.stats()["temperature"].item() == block.stats()["temperature"].item()
 
 
+def _live_tensors():
+	gc.collect()
+	with warnings.catch_warnings():
+		warnings.simplefilter("ignore")   # isinstance() on lazily deprecated torch attributes found by gc
+		return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_training_forwards_with_fork_options_keep_no_tensors():
+	block = MoEBlock(8, [16], 8, n_experts=4, top_k=4, balance="kl", shared_head=True, orthogonal=True,
+					 target_entropy=1.0, history_rows=64)
+	x = torch.randn(32, 8)
+	for _ in range(20):
+		block(x).sum().backward()
+	before = _live_tensors()
+	for _ in range(300):
+		block(x).sum().backward()
+	assert _live_tensors() <= before
+	assert block.adaptive_temperature.forwards.item() == 320
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host-sync detection is a CUDA feature")
+def test_training_forwards_on_cuda_never_sync_with_the_host():
+	torch.manual_seed(0)
+	block = MoEBlock(8, [16], 16, n_experts=4, top_k=4, balance="kl", shared_head=True, orthogonal=True,
+					 target_entropy=1.0, temperature_rate=0.1).cuda()
+	leaky = LeakyForkMoEBlock(8, [16], 16, n_experts=4).cuda()
+	x = torch.randn(64, 8, device="cuda")
+	block(x).sum().backward()   # lazy CUDA initialisation happens outside the check
+	start = block.stats()["temperature"].item()
+	torch.cuda.set_sync_debug_mode("error")
+	try:
+		for _ in range(3):
+			block(x).sum().backward()
+		with pytest.raises(RuntimeError):   # negative control: the fork's host copy and .item() sync
+			leaky(x)
+	finally:
+		torch.cuda.set_sync_debug_mode(0)
+	assert block.stats()["temperature"].item() != start
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_torch_compile_fullgraph_with_fork_options(backend):
 	torch.manual_seed(0)
@@ -297,6 +341,28 @@ def test_torch_compile_fullgraph_with_fork_options(backend):
 	assert block.stats()["temperature"].item() != 1.8
 	with torch.no_grad():
 		assert compiled(x).grad_fn is None
+
+
+def test_torch_compile_of_a_rollout_steps_the_temperature_once_per_call():
+	# Upstream's _update runs the dynamics head `horizon` times inside one compiled graph.
+	torch.manual_seed(0)
+	block = MoEBlock(16, [16, 16], 16, n_experts=4, top_k=4, balance="kl", shared_head=True, orthogonal=True,
+					 temperature=1.8, target_entropy=0.75 * math.log(4), temperature_rate=0.1)
+	twin = copy.deepcopy(block)
+
+	def rollout(b, x):
+		for _ in range(3):
+			x = b(x)
+		return x
+	compiled = torch.compile(lambda x: rollout(twin, x), fullgraph=True, backend="aot_eager")
+	for _ in range(2):
+		x = torch.randn(32, 16)
+		rollout(block, x).square().sum().backward()
+		compiled(x).square().sum().backward()
+		for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+			torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
+		torch.testing.assert_close(twin.stats()["temperature"], block.stats()["temperature"])
+	assert twin.adaptive_temperature.forwards.item() == 6 and block.stats()["temperature"].item() < 1.8
 
 
 def test_defaults_build_the_plain_block():

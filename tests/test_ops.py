@@ -49,7 +49,7 @@ def _assert_same_routing(gate, ref, logits, temperature):
 
 
 @pytest.mark.parametrize("case", _cases(), ids=lambda c: "n{n}-e{e}-k{k}-t{temperature}-r{renormalize:d}-{layout}-{dtype}".format(**c).replace("torch.", ""))
-def test_matches_reference(case):
+def test_matches_reference(case, on_device):
 	torch.manual_seed(hash(str(case)) % 2**31)
 	n, e, k, t, renorm = case["n"], case["e"], case["k"], case["temperature"], case["renormalize"]
 	logits = _logits(n, e, case["dtype"], case["layout"]).requires_grad_()
@@ -79,14 +79,14 @@ def test_matches_reference(case):
 		torch.testing.assert_close(grad, ref_grad, **tol)
 
 
-def test_ties_go_to_the_lower_index():
+def test_ties_go_to_the_lower_index(on_device):
 	logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 3.0, 3.0, 3.0], [2.0, 1.0, 2.0, 2.0]])
 	gate = topk_gate(logits, 3)
 	assert gate.indices.tolist() == [[0, 1, 2], [1, 2, 3], [0, 2, 3]]
 	torch.testing.assert_close(gate.weights[0], torch.full((3,), 1 / 3))
 
 
-def test_unused_outputs_need_no_gradient():
+def test_unused_outputs_need_no_gradient(on_device):
 	logits = torch.randn(33, 6, requires_grad=True)
 	gate = topk_gate(logits, 2, temperature=0.7)
 	(grad,) = torch.autograd.grad(gate.lse.sum(), logits)
@@ -106,7 +106,7 @@ def test_reference_gradcheck_float64():
 
 
 @pytest.mark.parametrize("e", [5, 64])
-def test_compiled_backward_matches_float64_reference(e):
+def test_compiled_backward_matches_float64_reference(e, on_device):
 	torch.manual_seed(e)
 	x = torch.randn(9, e, dtype=torch.float64)
 	gate = topk_gate(x.float().requires_grad_(), 3, temperature=1.5)
@@ -121,7 +121,7 @@ def test_compiled_backward_matches_float64_reference(e):
 	torch.testing.assert_close(grad.double(), want, rtol=1e-4, atol=1e-6)
 
 
-def test_opcheck_every_op():
+def test_opcheck_every_op(on_device):
 	torch.manual_seed(0)
 	x = torch.randn(11, 6, requires_grad=True)
 	ops = torch.ops.tdmpc2_moe
@@ -141,7 +141,7 @@ def _routing(x, history=None):
 
 
 @pytest.mark.parametrize("compile_backend", ["eager", "inductor"])
-def test_compiles_fullgraph_with_and_without_history(compile_backend):
+def test_compiles_fullgraph_with_and_without_history(compile_backend, on_device):
 	torch._dynamo.reset()
 	torch.manual_seed(0)
 	x = torch.randn(40, 8, requires_grad=True)
@@ -162,6 +162,28 @@ def test_compiles_fullgraph_with_and_without_history(compile_backend):
 		_routing(x, eager_history)
 	assert history.total == eager_history.total == 120
 	torch.testing.assert_close(history.snapshot(), eager_history.snapshot())
+
+
+@pytest.mark.parametrize("with_history", [False, True])
+def test_compile_traces_one_op_with_its_cpp_autograd(with_history, on_device):
+	# One registration: dynamo sees each call as one node of the schema itself, and the schema's
+	# Autograd kernel is the C++ one (no Python autograd registration, no second schema).
+	torch._dynamo.reset()
+	graphs = []
+
+	def capture(gm, example_inputs):
+		graphs.append(gm)
+		return gm.forward
+	x = torch.randn(16, 8, requires_grad=True)
+	history = GateHistory(8, 8) if with_history else None
+	torch.compile(lambda x: _routing(x, history), fullgraph=True, backend=capture)(x)[2].backward()
+	(gm,) = graphs
+	targets = [str(n.target) for n in gm.graph.nodes if "tdmpc2_moe" in str(n.target)]
+	assert targets == ["tdmpc2_moe.topk_gate_record.default" if with_history else "tdmpc2_moe.topk_gate.default"]
+	for name in ("topk_gate", "topk_gate_record"):
+		assert torch._C._dispatch_has_kernel_for_dispatch_key(f"tdmpc2_moe::{name}", "Autograd")
+	assert not [n for n in dir(torch.ops.tdmpc2_moe) if n.endswith("_eager")]
+	assert x.grad is not None and x.grad.isfinite().all()
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -187,7 +209,7 @@ def _bad_rows(e):
 
 
 @pytest.mark.parametrize("e", [3, 8, 40])
-def test_nan_and_inf_rows_route_to_valid_experts_and_stay_inside_the_ring(e):
+def test_nan_and_inf_rows_route_to_valid_experts_and_stay_inside_the_ring(e, on_device):
 	logits = _bad_rows(e)
 	n, k = logits.shape[0], min(2, e)
 	gate = topk_gate(logits, k)
@@ -213,12 +235,88 @@ def test_nan_and_inf_rows_route_to_valid_experts_and_stay_inside_the_ring(e):
 	assert history.total == 3
 
 
-def test_backend_is_cpu_when_extension_is_built():
-	assert backend() == "cpu"
+def test_backend_names_the_compiled_kernels_in_use(monkeypatch):
+	# "cuda" on a CUDA build with a GPU (the suite is the GPU's acceptance test), "cpu" otherwise.
+	from tdmpc2_moe import _C, ops
+	assert backend() == ("cuda" if _C.WITH_CUDA and torch.cuda.is_available() else "cpu")
+	monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+	monkeypatch.setattr(_C, "WITH_CUDA", True, raising=False)
+	assert ops.backend() == "cuda"
+	monkeypatch.setattr(_C, "WITH_CUDA", False)
+	assert ops.backend() == "cpu"
+
+
+def _cpu_kernel(op, *args):
+	"""Calls the CPU kernel of `op` whatever devices its arguments are on (as the dispatcher would pick the
+	CUDA kernel for CUDA logits with CPU indices): its own checks must refuse a tensor on another device."""
+	return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args)
+
+
+@pytest.mark.parametrize("bad", ["indices", "grad_weights", "grad_prob_mean", "grad_lse"])
+def test_backward_refuses_every_tensor_on_another_device(bad):
+	x = torch.randn(6, 5)
+	args = dict(grad_weights=torch.randn(6, 2), grad_prob_mean=torch.randn(5), grad_lse=torch.randn(6), logits=x,
+				indices=topk_gate(x, 2).indices)
+	args[bad] = args[bad].to("meta")
+	bwd = torch.ops.tdmpc2_moe.topk_gate_backward.default
+	values = (*args.values(), 1.0, True)
+	with pytest.raises(ValueError, match=bad):
+		_cpu_kernel(bwd, *values)
+	with pytest.raises(ValueError, match=bad):  # dispatched to the fake (meta) kernel
+		bwd(*values)
+
+
+@pytest.mark.parametrize("bad", ["grad_weights", "grad_prob_mean", "grad_lse"])
+def test_backward_refuses_integer_gradients(bad):
+	x = torch.randn(6, 5)
+	args = dict(grad_weights=torch.randn(6, 2), grad_prob_mean=torch.randn(5), grad_lse=torch.randn(6), logits=x,
+				indices=topk_gate(x, 2).indices)
+	args[bad] = args[bad].long()
+	with pytest.raises(ValueError, match=bad):
+		torch.ops.tdmpc2_moe.topk_gate_backward(*args.values(), 1.0, True)
+
+
+@pytest.mark.parametrize("bad", ["ring", "cursor"])
+def test_record_refuses_ring_or_cursor_on_another_device(bad):
+	args = dict(ring=torch.zeros(4, 5), cursor=torch.zeros((), dtype=torch.int64))
+	args[bad] = args[bad].to("meta")
+	op = torch.ops.tdmpc2_moe.topk_gate_record.default
+	with pytest.raises(ValueError, match=bad):
+		_cpu_kernel(op, torch.randn(3, 5), 2, 1.0, True, args["ring"], args["cursor"])
+	with pytest.raises(ValueError, match=bad):
+		op(torch.randn(3, 5), 2, 1.0, True, args["ring"], args["cursor"])
+
+
+@pytest.mark.parametrize("temperature", [1e-46, 1e39, 3.5e38])
+def test_temperature_must_survive_float32(temperature, on_device):
+	# Finite and positive as a double, but 0 or inf as the float32 the kernels divide by.
+	x = torch.randn(4, 8)
+	with pytest.raises(ValueError, match="temperature"):
+		topk_gate(x, 2, temperature=temperature)
+	for op in (torch.ops.tdmpc2_moe.topk_gate, _cpu_kernel):
+		with pytest.raises(ValueError, match="temperature"):
+			if op is _cpu_kernel:
+				op(torch.ops.tdmpc2_moe.topk_gate.default, x, 2, temperature, True)
+			else:
+				op(x, 2, temperature, True)
+	assert topk_gate(x, 2, temperature=1e-30).weights.isfinite().all()
+
+
+@pytest.mark.parametrize("e", [1, 3, 8, 17, 40])
+def test_lse_of_non_finite_rows_equals_the_reference(e, on_device):
+	nan, inf = math.nan, math.inf
+	rows = [[-inf] * e, [inf] * e, [0.0] * (e - 1) + [inf], [-inf] * (e - 1) + [inf], [nan] * e,
+			[-inf] * (e - 1) + [nan], [inf] + [nan] * (e - 1), [1.0] + [-inf] * (e - 1), [2.0] * e]
+	logits = torch.tensor(rows)
+	want = topk_gate_reference(logits, 1).lse
+	for t in (1.0, 0.5):
+		got = topk_gate(logits, 1, temperature=t).lse
+		want = topk_gate_reference(logits, 1, t).lse
+		torch.testing.assert_close(got, want, equal_nan=True)
 
 
 def _registered(logits, k, temperature, renormalize, history=None):
-	"""Calls the registered op (the torch.compile path, Python autograd) directly; returns its 5 outputs."""
+	"""Calls the registered op directly (as traced code does); returns its 5 outputs."""
 	ops = torch.ops.tdmpc2_moe
 	if history is None:
 		return ops.topk_gate(logits, k, temperature, renormalize)
@@ -227,9 +325,9 @@ def _registered(logits, k, temperature, renormalize, history=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_history", [False, True])
-def test_eager_cpp_autograd_equals_registered_op(dtype, with_history):
-	# Eager topk_gate runs the C++ autograd ops; they must give exactly the registered ops' values,
-	# gradients and ring writes (same kernels), whichever outputs the loss uses.
+def test_eager_cpp_autograd_equals_registered_op(dtype, with_history, on_device):
+	# topk_gate and the registered op it wraps must give exactly the same values, gradients and ring
+	# writes (one autograd path), whichever outputs the loss uses.
 	torch.manual_seed(1)
 	x = (torch.randn(70, 8) * 2).to(dtype)
 	cw, cp, cl = torch.randn(70, 3), torch.randn(8), torch.randn(70)
@@ -249,7 +347,7 @@ def test_eager_cpp_autograd_equals_registered_op(dtype, with_history):
 		assert torch.equal(eager_hist.ring, reg_hist.ring)
 
 
-def test_eager_gradient_matches_reference_with_history():
+def test_eager_gradient_matches_reference_with_history(on_device):
 	torch.manual_seed(2)
 	x = torch.randn(50, 6, requires_grad=True)
 	history = GateHistory(16, 6)
@@ -261,11 +359,11 @@ def test_eager_gradient_matches_reference_with_history():
 	(want,) = torch.autograd.grad(ref.weights.sum() + ref.expert_prob_mean.square().sum() + ref.lse.sum(), xr)
 	torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
 	dense = torch.zeros(50, 6).scatter_(1, ref.indices, ref.weights.detach())
-	torch.testing.assert_close(history.snapshot(), dense[-16:])
+	torch.testing.assert_close(history.snapshot(), dense[-16:].cpu())
 	assert history.total == 50
 
 
-def test_eager_without_grad_builds_no_graph():
+def test_eager_without_grad_builds_no_graph(on_device):
 	x = torch.randn(20, 5, requires_grad=True)
 	history = GateHistory(8, 5)
 	with torch.no_grad():
@@ -278,7 +376,7 @@ def test_eager_without_grad_builds_no_graph():
 		assert topk_gate(torch.randn(4, 5), 2).weights.is_inference()
 
 
-def test_backward_reads_expanded_and_strided_gradients_in_place():
+def test_backward_reads_expanded_and_strided_gradients_in_place(on_device):
 	# The CPU kernel reads grad_weights and grad_lse at their strides (autograd passes expanded ones).
 	torch.manual_seed(3)
 	x = torch.randn(37, 9)
@@ -292,3 +390,20 @@ def test_backward_reads_expanded_and_strided_gradients_in_place():
 		ones = bwd(torch.ones(37, 3), gp, torch.ones(37), x, idx, 0.8, renorm)
 		expanded = bwd(torch.ones(()).expand(37, 3), gp, torch.ones(1).expand(37), x, idx, 0.8, renorm)
 		torch.testing.assert_close(expanded, ones, rtol=0, atol=0)
+
+
+def test_statistics_are_bit_identical_whatever_the_thread_count():
+	# Fixed-order reduction: expert_prob_mean is summed over fixed row chunks in chunk order, so the
+	# number of threads (the CPU's launch configuration) does not change a bit of it.
+	torch.manual_seed(4)
+	x = torch.randn(20011, 24) * 3
+	threads = torch.get_num_threads()
+	try:
+		results = []
+		for t in (1, 2, 3):
+			torch.set_num_threads(t)
+			results.append(topk_gate(x, 2).expert_prob_mean)
+			results.append(topk_gate(x, 2).expert_prob_mean)
+	finally:
+		torch.set_num_threads(threads)
+	assert all(torch.equal(results[0], r) for r in results[1:])

@@ -1,8 +1,9 @@
 // The lane kernels of lanes.h, included once per instruction set by lanes_<isa>.cpp with
 // TDMPC2_LANES_NS naming a namespace of its own (so no inline function or template instance is
 // shared between the instruction sets at link time). Every loop over l (the rows of a block) is the
-// vectorised one; the per-row steps are those of gate_row.h (gate_exp, gate_key, the routing order
-// of gate_select_next, the backward formula of gate_row_backward), applied to 16 rows at once.
+// vectorised one; the scalar steps are those of gate_row.h (gate_exp, gate_key, gate_lse, gate_index,
+// gate_backward_shift, gate_pick_grad), the loops apply the row algorithm of gate_softmax,
+// gate_select_next and gate_row_backward to 16 rows at once.
 // This header includes nothing that defines inline code besides gate_row.h, whose functions are
 // always inlined.
 #include <math.h>
@@ -114,7 +115,8 @@ void forward(const LaneForward& a, int64_t begin, int64_t end) {
 		alignas(64) float m[L], s[L], valid[L];
 		for (int l = 0; l < L; ++l) valid[l] = l < rows ? 1.f : 0.f;
 		softmax_block(x, e, m, s, psum, valid);
-		for (int l = 0; l < rows; ++l) a.lse[r0 + l] = m[l] + logf(s[l]);
+		for (int l = 0; l < rows; ++l)
+			a.lse[r0 + l] = gate_lse(m[l], s[l], gate_is_inf(m[l]) && gate_row_has_nan(a.logits + (r0 + l) * e, e));
 		if (++blocks == kFlushBlocks || r0 + L >= end) {
 			for (int j = 0; j < e; ++j) {
 				double acc = 0.0;
@@ -179,26 +181,24 @@ void backward(const LaneBackward& a, int64_t begin, int64_t end) {
 		// The selected probabilities, by a scalar load per row and pick (indices out of [0, E) read 0).
 		for (int l = 0; l < rows; ++l)
 			for (int j = 0; j < k; ++j) {
-				const int64_t i = a.indices[(r0 + l) * k + j];
-				const float top = (i >= 0 && i < e) ? p[i * L + l] : 0.f;
+				const int i = gate_index(a.indices[(r0 + l) * k + j], e);
+				const float top = i >= 0 ? p[i * L + l] : 0.f;
 				top_sum[l] += top;
 				gw_dot_top[l] += (a.grad_weights ? a.grad_weights[(r0 + l) * gw0 + j * gw1] : 0.f) * top;
 			}
-		// <g_top, top> vanishes with renormalisation (see gate_row_backward).
 		alignas(64) float shift[L];
 		for (int l = 0; l < L; ++l)
-			shift[l] = glse[l] - gpm_dot_p[l] * a.inv_rows - (a.renormalize ? 0.f : gw_dot_top[l]);
+			shift[l] = gate_backward_shift(glse[l], gpm_dot_p[l], a.inv_rows, a.renormalize, gw_dot_top[l]);
 		for (int j = 0; j < e; ++j)
 			for (int l = 0; l < L; ++l) out[j * L + l] = p[j * L + l] * (g[j] + shift[l]) * inv_t;
 		if (a.grad_weights)
 			for (int l = 0; l < rows; ++l) {
 				const float inv_s = 1.f / top_sum[l], w_dot = gw_dot_top[l] * inv_s;
 				for (int j = 0; j < k; ++j) {
-					const int64_t i = a.indices[(r0 + l) * k + j];
-					if (i < 0 || i >= e) continue;
+					const int i = gate_index(a.indices[(r0 + l) * k + j], e);
+					if (i < 0) continue;
 					const float gwj = a.grad_weights[(r0 + l) * gw0 + j * gw1];
-					const float g_top = a.renormalize ? (gwj - w_dot) * inv_s : gwj;
-					out[i * L + l] += p[i * L + l] * g_top * inv_t;
+					out[i * L + l] += p[i * L + l] * gate_pick_grad(gwj, w_dot, inv_s, a.renormalize) * inv_t;
 				}
 			}
 		float* dst = a.grad + r0 * e;

@@ -1,10 +1,10 @@
-// CPU entry points of top-k gating: argument checks, outputs, the lane kernels (lanes.h) over
+// CPU kernels of top-k gating and their registration: outputs, the lane kernels (lanes.h) over
 // blocks of rows in parallel with at::parallel_for, the ring write and the statistics' totals.
 #include "topk_gate.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -56,18 +56,21 @@ GateOutputs forward(const at::Tensor& logits_in, int64_t k, double temperature, 
 	at::Tensor frac = at::empty({e}, f32);
 	at::Tensor lse = at::empty({n}, f32);
 
-	// Per-thread statistics: a thread adds its rows' probabilities (double) and picks here.
-	const int threads = n > grain_rows(e) ? at::get_num_threads() : 1;
-	std::vector<double> prob_sum(static_cast<size_t>(threads) * e, 0.0);
-	std::vector<int64_t> counts(static_cast<size_t>(threads) * e, 0);
-	LaneForward args{logits.const_data_ptr<float>(), n, e, static_cast<int>(k), static_cast<float>(temperature),
+	// Statistics per fixed chunk of grain_rows(e) rows (double sums of probabilities, pick counts),
+	// added up in chunk order afterwards: the result does not depend on the number of threads.
+	const int64_t grain = grain_rows(e);
+	const int64_t chunks = std::max<int64_t>((n + grain - 1) / grain, 1);
+	std::vector<double> prob_sum(static_cast<size_t>(chunks) * e, 0.0);
+	std::vector<int64_t> counts(static_cast<size_t>(chunks) * e, 0);
+	LaneForward args{logits.const_data_ptr<float>(), n, e, static_cast<int>(k), check_temperature(temperature),
 			renormalize, weights.data_ptr<float>(), indices.data_ptr<int64_t>(), lse.data_ptr<float>(), nullptr, nullptr};
 	const int64_t ring_cursor = ring ? cursor->data_ptr<int64_t>()[0] : 0;
 	const LaneKernels& kernels = lane_kernels();
-	auto rows = [&](int64_t begin, int64_t end, int thread) {
+	auto chunk = [&](int64_t c) {
+		const int64_t begin = c * grain, end = std::min(n, begin + grain);
 		LaneForward a = args;
-		a.prob_sum = prob_sum.data() + static_cast<size_t>(thread) * e;
-		a.counts = counts.data() + static_cast<size_t>(thread) * e;
+		a.prob_sum = prob_sum.data() + static_cast<size_t>(c) * e;
+		a.counts = counts.data() + static_cast<size_t>(c) * e;
 		kernels.forward(a, begin, end);
 		if (!ring) return;
 		const auto rt = ring->scalar_type();
@@ -80,10 +83,12 @@ GateOutputs forward(const at::Tensor& logits_in, int64_t k, double temperature, 
 		else
 			write_ring(ring->data_ptr<float>(), ring->size(0), ring_cursor, begin, end, n, e, a.k, a.weights, a.indices);
 	};
-	if (threads == 1)
-		rows(0, n, 0);
+	if (chunks == 1)
+		chunk(0);
 	else
-		at::parallel_for(0, n, grain_rows(e), [&](int64_t begin, int64_t end) { rows(begin, end, at::get_thread_num()); });
+		at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+			for (int64_t c = begin; c < end; ++c) chunk(c);
+		});
 
 	const double nrows = static_cast<double>(std::max<int64_t>(n, 1));
 	float* pm = prob_mean.data_ptr<float>();
@@ -91,7 +96,7 @@ GateOutputs forward(const at::Tensor& logits_in, int64_t k, double temperature, 
 	for (int j = 0; j < e; ++j) {
 		double p = 0.0;
 		int64_t c = 0;
-		for (int t = 0; t < threads; ++t) {
+		for (int64_t t = 0; t < chunks; ++t) {
 			p += prob_sum[static_cast<size_t>(t) * e + j];
 			c += counts[static_cast<size_t>(t) * e + j];
 		}
@@ -104,31 +109,6 @@ GateOutputs forward(const at::Tensor& logits_in, int64_t k, double temperature, 
 
 }  // namespace
 
-void check_gate_args(const at::Tensor& logits, int64_t k, double temperature) {
-	TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D [N, E], got ", logits.dim(), " dimensions");
-	const auto dt = logits.scalar_type();
-	TORCH_CHECK_VALUE(at::isFloatingType(dt), "logits must be floating point, got ", dt);
-	const int64_t e = logits.size(1);
-	TORCH_CHECK_VALUE(e >= 1 && e <= 1024, "logits must have 1..1024 experts (columns), got ", e);
-	TORCH_CHECK_VALUE(k >= 1 && k <= e, "k must be in 1..E=", e, ", got ", k);
-	TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature must be finite and > 0, got ",
-			temperature);
-}
-
-void check_ring_args(const at::Tensor& logits, const at::Tensor& ring, const at::Tensor& cursor) {
-	TORCH_CHECK_VALUE(ring.dim() == 2 && ring.size(1) == logits.size(1) && ring.size(0) >= 1,
-			"ring must be [capacity, E=", logits.size(1), "], got ", ring.sizes());
-	TORCH_CHECK_VALUE(ring.is_contiguous(), "ring must be contiguous");
-	const auto dt = ring.scalar_type();
-	TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-			"ring must be float32, bfloat16 or float16, got ", dt);
-	TORCH_CHECK_VALUE(cursor.numel() == 1 && cursor.scalar_type() == at::kLong, "cursor must be one int64, got ",
-			cursor.sizes(), " ", cursor.scalar_type());
-	TORCH_CHECK_VALUE(ring.device() == logits.device() && cursor.device() == logits.device(),
-			"ring and cursor must be on the device of logits (", logits.device(), "), got ", ring.device(), " and ",
-			cursor.device());
-}
-
 GateOutputs topk_gate_cpu(const at::Tensor& logits, int64_t k, double temperature, bool renormalize) {
 	return forward(logits, k, temperature, renormalize, nullptr, nullptr);
 }
@@ -136,25 +116,6 @@ GateOutputs topk_gate_cpu(const at::Tensor& logits, int64_t k, double temperatur
 GateOutputs topk_gate_record_cpu(const at::Tensor& logits, int64_t k, double temperature, bool renormalize,
 		at::Tensor& ring, at::Tensor& cursor) {
 	return forward(logits, k, temperature, renormalize, &ring, &cursor);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> check_backward_args(const std::optional<at::Tensor>& grad_weights,
-		const std::optional<at::Tensor>& grad_prob_mean, const std::optional<at::Tensor>& grad_lse,
-		const at::Tensor& logits, const at::Tensor& indices, double temperature, bool keep_strides) {
-	TORCH_CHECK_VALUE(indices.dim() == 2, "indices must be 2-D [N, k], got ", indices.sizes());
-	check_gate_args(logits, indices.size(1), temperature);
-	const int64_t n = logits.size(0), e = logits.size(1);
-	TORCH_CHECK_VALUE(indices.size(0) == n && indices.scalar_type() == at::kLong,
-			"indices must be int64 [N=", n, ", k], got ", indices.scalar_type(), " ", indices.sizes());
-	auto as_float = [&](const std::optional<at::Tensor>& g, at::IntArrayRef shape, const char* name, bool strided) {
-		if (!g.has_value() || !g->defined()) return at::Tensor();
-		TORCH_CHECK_VALUE(g->sizes() == shape, name, " must have shape ", shape, ", got ", g->sizes());
-		TORCH_CHECK_VALUE(g->device() == logits.device(), name, " must be on ", logits.device());
-		const at::Tensor f = g->to(at::kFloat);
-		return strided ? f : f.contiguous();
-	};
-	return {as_float(grad_weights, indices.sizes(), "grad_weights", keep_strides),
-			as_float(grad_prob_mean, {e}, "grad_prob_mean", false), as_float(grad_lse, {n}, "grad_lse", keep_strides)};
 }
 
 at::Tensor topk_gate_backward_cpu(const std::optional<at::Tensor>& grad_weights_in,
@@ -186,3 +147,9 @@ at::Tensor topk_gate_backward_cpu(const std::optional<at::Tensor>& grad_weights_
 }
 
 }  // namespace tdmpc2_moe
+
+TORCH_LIBRARY_IMPL(tdmpc2_moe, CPU, m) {
+	m.impl("topk_gate", &tdmpc2_moe::topk_gate_cpu);
+	m.impl("topk_gate_record", &tdmpc2_moe::topk_gate_record_cpu);
+	m.impl("topk_gate_backward", &tdmpc2_moe::topk_gate_backward_cpu);
+}

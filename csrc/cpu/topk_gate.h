@@ -1,14 +1,13 @@
-// CPU implementations of the tdmpc2_moe operators (registered in ops.cpp).
+// CPU kernels of the tdmpc2_moe operators (registered in cpu/topk_gate.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
-#include <tuple>
+
+#include "../topk_gate.h"
 
 namespace tdmpc2_moe {
-
-using GateOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // Returns (weights [N,k] f32, indices [N,k] i64, expert_prob_mean [E] f32, expert_frac [E] f32, lse [N] f32).
 GateOutputs topk_gate_cpu(const at::Tensor& logits, int64_t k, double temperature, bool renormalize);
@@ -21,15 +20,5 @@ GateOutputs topk_gate_record_cpu(const at::Tensor& logits, int64_t k, double tem
 at::Tensor topk_gate_backward_cpu(const std::optional<at::Tensor>& grad_weights,
 		const std::optional<at::Tensor>& grad_prob_mean, const std::optional<at::Tensor>& grad_lse,
 		const at::Tensor& logits, const at::Tensor& indices, double temperature, bool renormalize);
-
-// Checks the backward's arguments; returns the gradients as float32 tensors (undefined if absent), contiguous
-// unless `keep_strides` (then grad_weights and grad_lse keep theirs; grad_prob_mean is always contiguous).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> check_backward_args(const std::optional<at::Tensor>& grad_weights,
-		const std::optional<at::Tensor>& grad_prob_mean, const std::optional<at::Tensor>& grad_lse,
-		const at::Tensor& logits, const at::Tensor& indices, double temperature, bool keep_strides = false);
-
-// Argument checks shared by the CPU and CUDA entry points; raise c10::ValueError naming the argument.
-void check_gate_args(const at::Tensor& logits, int64_t k, double temperature);
-void check_ring_args(const at::Tensor& logits, const at::Tensor& ring, const at::Tensor& cursor);
 
 }  // namespace tdmpc2_moe

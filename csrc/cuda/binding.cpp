@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "../cpu/topk_gate.h"
+#include "../topk_gate.h"
 #include "launch.h"
 
 namespace tdmpc2_moe {
@@ -47,13 +47,20 @@ GateOutputs forward_cuda(const at::Tensor& logits_in, int64_t k, double temperat
 	p.n = n;
 	p.e = static_cast<int>(e);
 	p.k = static_cast<int>(k);
-	p.temperature = static_cast<float>(temperature);
+	p.temperature = check_temperature(temperature);
 	p.renormalize = renormalize;
 	p.weights = weights.data_ptr<float>();
 	p.indices = indices.data_ptr<int64_t>();
 	p.prob_mean = prob_mean.data_ptr<float>();
 	p.frac = frac.data_ptr<float>();
 	p.lse = lse.data_ptr<float>();
+	// Per-block statistics and the ticket of the last block (launch.h); taken from the caching allocator
+	// on the current stream, so concurrent calls on other streams never share one.
+	const int64_t blocks = topk_gate_forward_blocks(n, static_cast<int>(e));
+	at::Tensor work = at::empty({2 * blocks * e + 1}, logits.options().dtype(at::kInt));
+	p.part_prob = reinterpret_cast<float*>(work.data_ptr<int32_t>());
+	p.part_count = reinterpret_cast<unsigned*>(work.data_ptr<int32_t>() + blocks * e);
+	p.ticket = reinterpret_cast<unsigned*>(work.data_ptr<int32_t>() + 2 * blocks * e);
 	if (ring) {
 		p.ring = ring->data_ptr();
 		p.ring_dtype = gate_dtype(ring->scalar_type());
@@ -92,7 +99,7 @@ at::Tensor topk_gate_backward_cuda(const std::optional<at::Tensor>& grad_weights
 	p.n = logits.size(0);
 	p.e = static_cast<int>(logits.size(1));
 	p.k = static_cast<int>(indices.size(1));
-	p.temperature = static_cast<float>(temperature);
+	p.temperature = check_temperature(temperature);
 	p.renormalize = renormalize;
 	p.grad_logits = grad.data_ptr();
 	check_launch(launch_topk_gate_backward(p, c10::cuda::getCurrentCUDAStream()));

@@ -18,13 +18,18 @@ struct GateForwardParams {
 	bool renormalize;
 	float* weights;  // [n, k]
 	int64_t* indices;  // [n, k]
-	float* prob_mean;  // [e]; the launcher fills it (no zeroing needed)
+	float* prob_mean;  // [e]; written by the kernel (no zeroing needed)
 	float* frac;  // [e]; likewise
 	float* lse;  // [n]
 	void* ring;  // [capacity, e], contiguous, or null when not recording
 	GateDtype ring_dtype;
 	int64_t capacity;
 	int64_t* cursor;  // device int64, advanced by n after the rows are written (null with ring null)
+	// Workspace of topk_gate_forward_blocks(n, e) blocks: per-block statistics [blocks, e] (summed by the
+	// last block to finish, in block order) and the ticket that finds that block (zeroed by the launcher).
+	float* part_prob;
+	unsigned* part_count;
+	unsigned* ticket;
 };
 
 struct GateBackwardParams {
@@ -40,6 +45,9 @@ struct GateBackwardParams {
 	bool renormalize;
 	void* grad_logits;  // [n, e], contiguous
 };
+
+// Blocks the forward kernel runs for n rows of e experts (its workspace is sized by it).
+int topk_gate_forward_blocks(int64_t n, int e);
 
 // Enqueue the forward / backward on `stream` (no host synchronisation, capturable in a CUDA graph).
 // Return the launch error, cudaSuccess if none.

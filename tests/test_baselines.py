@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tdmpc2_moe.baselines_fork import LeakyForkMoEBlock
+from tdmpc2_moe.baselines import LeakyForkMoEBlock
 from tdmpc2_moe.moe import MoEBlock
 
 E, IN, HIDDEN, OUT = 4, 10, [32, 32], 16

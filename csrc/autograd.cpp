@@ -1,16 +1,17 @@
-// Eager-mode autograd of top-k gating in C++: tdmpc2_moe::topk_gate_eager and topk_gate_record_eager
-// run the same dispatcher ops (topk_gate, topk_gate_record, topk_gate_backward, so the same CPU or CUDA
-// kernels) as the registered ops, under a C++ torch::autograd::Function instead of the Python autograd
-// kernel of torch.library. That kernel costs tens of microseconds per call in Python, as much as the
-// forward and backward kernels of a 512 x 8 gate together. tdmpc2_moe.ops uses these ops outside
-// torch.compile only; traced code and opcheck keep the registered ops and their Python registrations.
+// The one autograd implementation of top-k gating: a C++ torch::autograd::Function registered at the
+// Autograd key of tdmpc2_moe::topk_gate and tdmpc2_moe::topk_gate_record themselves. Eager calls,
+// torch.compile (AOTAutograd traces this Function's forward and backward into its joint graph, the
+// forward and backward ops then being opaque nodes with their Python fake kernels) and
+// torch.library.opcheck all go through it. It replaces a Python registration (register_autograd)
+// that cost more per call than the forward and backward kernels of a 512 x 8 gate together
+// (benchmarks/README.md, "autograd path").
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <optional>
 
-#include "cpu/topk_gate.h"
+#include "topk_gate.h"
 
 namespace tdmpc2_moe {
 namespace {
@@ -40,8 +41,8 @@ const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
 	return op;
 }
 
-// Runs the forward op below autograd (the registered ops' Python autograd kernels are skipped), on the
-// device's kernel. ring and cursor are null without history.
+// Runs the forward op below the autograd keys: the device's kernel, or the fake kernel / functional
+// wrapper while torch.compile traces. ring and cursor are null without history.
 GateOutputs forward_below_autograd(const at::Tensor& logits, int64_t k, double temperature, bool renormalize,
 		at::Tensor* ring, at::Tensor* cursor) {
 	const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -59,7 +60,7 @@ struct TopkGateFunction : torch::autograd::Function<TopkGateFunction> {
 			bool renormalize, at::Tensor* ring, at::Tensor* cursor) {
 		auto [weights, indices, prob_mean, frac, lse] =
 				forward_below_autograd(logits, k, temperature, renormalize, ring, cursor);
-		// As the Python registration: logits and indices only (the backward recomputes the softmax).
+		// Logits and indices only: the backward recomputes the softmax instead of keeping [N, E] probs.
 		ctx->save_for_backward({logits, indices});
 		ctx->saved_data["temperature"] = temperature;
 		ctx->saved_data["renormalize"] = renormalize;
@@ -79,30 +80,43 @@ struct TopkGateFunction : torch::autograd::Function<TopkGateFunction> {
 	}
 };
 
-GateOutputs eager(const at::Tensor& logits, int64_t k, double temperature, bool renormalize, at::Tensor* ring,
-		at::Tensor* cursor) {
+// The in-place write of the ring is visible to autograd's saved-tensor checks, as for any in-place op.
+void bump_version(const at::Tensor& t) {
+	if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+GateOutputs autograd_forward(const at::Tensor& logits, int64_t k, double temperature, bool renormalize,
+		at::Tensor* ring, at::Tensor* cursor) {
+	GateOutputs out;
 	// Without a graph to build (no_grad, or logits not requiring grad) no autograd node is made at all.
-	if (!at::GradMode::is_enabled() || !logits.requires_grad())
-		return forward_below_autograd(logits, k, temperature, renormalize, ring, cursor);
-	const variable_list out = TopkGateFunction::apply(logits, k, temperature, renormalize, ring, cursor);
-	return {out[0], out[1], out[2], out[3], out[4]};
+	if (!at::GradMode::is_enabled() || !logits.requires_grad()) {
+		out = forward_below_autograd(logits, k, temperature, renormalize, ring, cursor);
+	} else {
+		const variable_list v = TopkGateFunction::apply(logits, k, temperature, renormalize, ring, cursor);
+		out = {v[0], v[1], v[2], v[3], v[4]};
+	}
+	if (ring) {
+		bump_version(*ring);
+		bump_version(*cursor);
+	}
+	return out;
 }
 
-GateOutputs topk_gate_eager(const at::Tensor& logits, int64_t k, double temperature, bool renormalize) {
-	return eager(logits, k, temperature, renormalize, nullptr, nullptr);
+GateOutputs topk_gate_autograd(const at::Tensor& logits, int64_t k, double temperature, bool renormalize) {
+	return autograd_forward(logits, k, temperature, renormalize, nullptr, nullptr);
 }
 
-GateOutputs topk_gate_record_eager(const at::Tensor& logits, int64_t k, double temperature, bool renormalize,
+GateOutputs topk_gate_record_autograd(const at::Tensor& logits, int64_t k, double temperature, bool renormalize,
 		at::Tensor& ring, at::Tensor& cursor) {
-	return eager(logits, k, temperature, renormalize, &ring, &cursor);
+	return autograd_forward(logits, k, temperature, renormalize, &ring, &cursor);
 }
 
 }  // namespace
 }  // namespace tdmpc2_moe
 
-// CompositeImplicitAutograd: one kernel for every device and for the autograd keys; the Function makes
-// the graph node and the ops it calls pick the device's kernels.
-TORCH_LIBRARY_IMPL(tdmpc2_moe, CompositeImplicitAutograd, m) {
-	m.impl("topk_gate_eager", &tdmpc2_moe::topk_gate_eager);
-	m.impl("topk_gate_record_eager", &tdmpc2_moe::topk_gate_record_eager);
+// One kernel for every device's autograd key; the ops it calls pick the device's kernels. The
+// backward op is not differentiable (no double backward), so it has no autograd kernel here.
+TORCH_LIBRARY_IMPL(tdmpc2_moe, Autograd, m) {
+	m.impl("topk_gate", &tdmpc2_moe::topk_gate_autograd);
+	m.impl("topk_gate_record", &tdmpc2_moe::topk_gate_record_autograd);
 }
