@@ -12,11 +12,17 @@ orthonormalisation costs) and `leaky_fork` (`baselines.LeakyForkMoEBlock`, the f
 it ran: host list, detached KL, `.item()` per training forward). Their planning rows run in eval mode
 (as the fork planned).
 
-Summarise a `--benchmark-json` file as the README table with
+`test_dispatch`: MoEBlock with dispatch="dense" vs "sparse" (and `padded`, the static-shape sparse
+path that CUDA and torch.compile run, here on the CPU) vs a plain mlp, dynamics head at mlp_dim 384,
+N = 256, 1536, 8192 rows, E = 4, 8, 16, k = 1, 2, training (forward + backward) and planning
+(no_grad forward): the measurements behind `dispatch.choose` ("auto"; see benchmarks/dispatch.md).
+
+Summarise a `--benchmark-json` file as the README tables with
 `python benchmarks/test_moe_block.py RESULTS.json`.
 """
 import json
 import math
+import os
 import sys
 import warnings
 
@@ -24,6 +30,7 @@ import pytest
 import torch
 
 from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock, plain_mlp
+from tdmpc2_moe.dispatch import choose, group_by_expert, run_padded
 from tdmpc2_moe.moe import MoEBlock
 
 ACTION_DIM = 6
@@ -33,6 +40,9 @@ EXPERTS = [(4, 1), (4, 2), (8, 1), (8, 2)]
 VARIANTS = ["moe", "moe_nohist", "experts", "leaky"]
 FORK_EXPERTS = [4, 8]
 FORK_VARIANTS = ["dense", "fork", "fork_noortho", "leaky_fork"]
+DISPATCH_ROWS = [256, 1536, 8192]
+DISPATCH_EXPERTS = [(e, k) for e in (4, 8, 16) for k in (1, 2)]
+DISPATCH_VARIANTS = ["dense", "sparse", "padded"]
 
 
 class SimNorm(torch.nn.Module):
@@ -98,6 +108,44 @@ def _step(head, variant, x):
 	return train
 
 
+def _padded(block):
+	"""Returns a forward of `block` through the padded sparse path (what CUDA and torch.compile run)."""
+	def forward(x):
+		gate = block.route(x)
+		return run_padded(block.expert_layers, x, group_by_expert(gate.indices, gate.weights, block.n_experts),
+						  block.n_experts)
+	return forward
+
+
+@pytest.mark.parametrize("variant", DISPATCH_VARIANTS + ["plain"])
+@pytest.mark.parametrize("n_experts,top_k", DISPATCH_EXPERTS, ids=[f"E{e}k{k}" for e, k in DISPATCH_EXPERTS])
+@pytest.mark.parametrize("rows", DISPATCH_ROWS)
+@pytest.mark.parametrize("mode", ["train", "plan"])
+def test_dispatch(benchmark, mode, rows, n_experts, top_k, variant):
+	if variant == "plain" and (n_experts, top_k) != DISPATCH_EXPERTS[0]:
+		pytest.skip("plain is measured once per shape")
+	latent = LATENT[384]
+	args = (latent + ACTION_DIM, [384, 384], latent, SimNorm())
+	torch.manual_seed(0)
+	if variant == "plain":
+		forward = plain_mlp(*args)
+	else:
+		block = MoEBlock(*args, n_experts=n_experts, top_k=top_k, history_rows=None,
+						 dispatch="sparse" if variant == "padded" else variant)
+		forward = _padded(block) if variant == "padded" else block
+	x = torch.randn(rows, latent + ACTION_DIM, requires_grad=mode == "train")
+	benchmark.group = f"dispatch {mode} N={rows}"
+	benchmark.extra_info.update(variant=variant, mode=mode, rows=rows, n_experts=n_experts, top_k=top_k)
+
+	def step():
+		if mode == "plan":
+			with torch.no_grad():
+				forward(x)
+		else:
+			forward(x).square().mean().backward()
+	benchmark.pedantic(step, rounds=int(os.environ.get("DISPATCH_BENCH_ROUNDS", "5")), iterations=1, warmup_rounds=1)
+
+
 def _run(benchmark, variant, shape, mlp_dim, n_experts=None, top_k=None):
 	head = _head(variant, mlp_dim, n_experts, top_k)
 	x = torch.randn(SHAPES[shape], LATENT[mlp_dim] + ACTION_DIM, requires_grad=shape == "train")
@@ -130,13 +178,40 @@ def test_plain_mlp(benchmark, shape, mlp_dim):
 	_run(benchmark, "plain", shape, mlp_dim)
 
 
+def summarize_dispatch(benches):
+	"""Returns the dispatch table: medians in ms, sparse / dense, and what `dispatch.choose` ("auto") picks on the CPU."""
+	median = {}
+	for b in benches:
+		i = b["extra_info"]
+		if "mode" in i:
+			median[(i["mode"], i["rows"], i["n_experts"], i["top_k"], i["variant"])] = b["stats"]["median"] * 1e3
+	if not median:
+		return ""
+	lines = ["| mode | N | E | k | plain | dense | sparse | padded | sparse / dense | padded / dense | faster | auto | auto, padded |",
+			 "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+	for mode in ("train", "plan"):
+		for rows in DISPATCH_ROWS:
+			plain = median.get((mode, rows, *DISPATCH_EXPERTS[0], "plain"), float("nan"))
+			for e, k in DISPATCH_EXPERTS:
+				m = {v: median.get((mode, rows, e, k, v), float("nan")) for v in DISPATCH_VARIANTS}
+				rule = dict(grad=mode == "train", rows=rows, n_experts=e, top_k=k, orthogonal=False)
+				auto, auto_static = choose("auto", static=False, **rule), choose("auto", static=True, **rule)
+				faster = "sparse" if m["sparse"] < m["dense"] else "dense"
+				lines.append(f"| {mode} | {rows} | {e} | {k} | {plain:.2f} | {m['dense']:.2f} | {m['sparse']:.2f} "
+							 f"| {m['padded']:.2f} | {m['sparse'] / m['dense']:.2f}x | {m['padded'] / m['dense']:.2f}x "
+							 f"| {faster} | {auto} | {auto_static} |")
+	return "\n".join(lines)
+
+
 def summarize(path):
-	"""Returns the README table (medians in ms and the ratios the targets are about) for a benchmark JSON file."""
+	"""Returns the README tables (medians in ms and the ratios the targets are about) for a benchmark JSON file."""
 	with open(path) as f:
 		benches = json.load(f)["benchmarks"]
 	median = {}
 	for b in benches:
 		i = b["extra_info"]
+		if "shape" not in i:
+			continue
 		median[(i["shape"], i["mlp_dim"], i["n_experts"], i["top_k"], i["variant"])] = b["stats"]["median"] * 1e3
 	lines = ["| shape | mlp_dim | E | k | plain | experts only | MoEBlock | MoEBlock, no history | leaky "
 			 "| history cost | gate+combine overhead | leaky / MoEBlock |",
@@ -161,7 +236,7 @@ def summarize(path):
 					f"| {shape} ({SHAPES[shape]} rows) | {dim} | {e} | {plain:.2f} | {m['dense']:.2f} | {m['fork']:.2f} "
 					f"| {m['fork_noortho']:.2f} | {m['leaky_fork']:.2f} | {100 * (1 - m['fork_noortho'] / m['fork']):.1f}% "
 					f"| {m['leaky_fork'] / m['fork']:.2f}x |")
-	return "\n".join(lines)
+	return "\n".join(lines) + "\n\n" + summarize_dispatch(benches)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """
-A TD-MPC2 update step on the CPU (model_size=1, upstream's batch_size=256, walker-walk shapes):
-plain upstream vs patched with MoE (E=4, k=2) on dynamics/reward/pi, with and without the plugin's
-bookkeeping (MoE metrics + memory monitor), vs the fork-style leaky MoE block on the same heads.
-Reports updates/s (pytest-benchmark) and resident memory growth per 1,000 updates, measured over
-the benchmarked rounds and scaled. Needs $TDMPC2_ROOT.
+A TD-MPC2 update step and one `act` (planning) on the CPU (model_size=1, upstream's batch_size=256
+and planning defaults, walker-walk shapes): plain upstream vs patched with MoE heads on
+dynamics/reward/pi (E=4 k=2 and E=8 k=1, dense and sparse dispatch; E=4 k=2 also with `auto`, with
+and without the plugin's bookkeeping: MoE metrics + memory monitor) vs the fork-style leaky MoE block
+on the same heads, and the fork preset (`use_moe=true moe_preset=fork`: E=4 dense orthogonal experts
+with a shared head on dynamics/reward). Reports medians (pytest-benchmark) and, for updates,
+resident memory growth per 1,000 updates over the benchmarked rounds, scaled. Needs $TDMPC2_ROOT.
 
-	TDMPC2_ROOT=/path/to/tdmpc2 python -m pytest benchmarks/test_update.py --benchmark-json=update.json
+	TDMPC2_ROOT=/path/to/tdmpc2 UPDATE_BENCH_ROUNDS=20 python -m pytest benchmarks/test_update.py \
+		--benchmark-json=update.json
+	python benchmarks/test_update.py update.json      # the table: medians, ratios to plain and to the leaky fork
 """
 import ctypes
 import gc
+import json
 import os
+import sys
 import types
 
 import psutil
@@ -18,17 +24,29 @@ import torch
 
 from tdmpc2_moe import patching, upstream
 from tdmpc2_moe.baselines import LeakyMoEBlock
+from tdmpc2_moe.moe import MoEBlock
 
 ROUNDS = int(os.environ.get("UPDATE_BENCH_ROUNDS", "200"))
+ACT_ROUNDS = int(os.environ.get("ACT_BENCH_ROUNDS", "5"))
 WARMUP = 20
 CFG = ["task=walker-walk", "model_size=1", "compile=false", "steps=100000", "device=cpu"]
+E4K2, E8K1 = ["moe_experts=4", "moe_top_k=2"], ["moe_experts=8", "moe_top_k=1"]
+NO_MONITOR = "monitor_mem_interval=0"
 VARIANTS = {
-	"plain": ["use_moe=false", "monitor_mem_interval=0"],
-	"moe": ["use_moe=true", "moe_experts=4", "moe_top_k=2"],
-	"moe_no_bookkeeping": ["use_moe=true", "moe_experts=4", "moe_top_k=2", "monitor_mem_interval=0"],
-	"leaky_fork": ["use_moe=true", "moe_experts=4", "moe_top_k=2", "monitor_mem_interval=0"],
-	"leaky_fork_fixed": ["use_moe=true", "moe_experts=4", "moe_top_k=2", "monitor_mem_interval=0"],
+	"plain": ["use_moe=false", NO_MONITOR],
+	"moe": ["use_moe=true", *E4K2],
+	"moe_no_bookkeeping": ["use_moe=true", *E4K2, NO_MONITOR],
+	"moe_e4k2_dense": ["use_moe=true", *E4K2, NO_MONITOR, "moe_dispatch=dense"],
+	"moe_e4k2_sparse": ["use_moe=true", *E4K2, NO_MONITOR, "moe_dispatch=sparse"],
+	"leaky_fork": ["use_moe=true", *E4K2, NO_MONITOR],
+	"leaky_fork_fixed": ["use_moe=true", *E4K2, NO_MONITOR],
+	"moe_e8k1_dense": ["use_moe=true", *E8K1, NO_MONITOR, "moe_dispatch=dense"],
+	"moe_e8k1_sparse": ["use_moe=true", *E8K1, NO_MONITOR, "moe_dispatch=sparse"],
+	"leaky_fork_e8k1": ["use_moe=true", *E8K1, NO_MONITOR],
+	"fork_preset": ["use_moe=true", "moe_preset=fork", NO_MONITOR],
 }
+ACT_VARIANTS = ["plain", "moe_e4k2_dense", "moe_e4k2_sparse", "leaky_fork", "moe_e8k1_dense", "moe_e8k1_sparse",
+				"leaky_fork_e8k1", "fork_preset"]
 
 
 def _resident_mb():
@@ -61,21 +79,33 @@ def _buffer(cfg):
 	return buffer
 
 
+# The MoEBlock keywords the leaky block takes; patch() also passes the fork options and `dispatch`,
+# which keep their defaults (off, a plain top-k block) in the variants that build the leaky block.
+_LEAKY_KEYWORDS = ("n_experts", "top_k", "temperature", "aux_coef", "zloss_coef", "history_rows")
+
+
 class LeakyFork(LeakyMoEBlock):
 	"""The fork's block as it leaked."""
 
 	def __init__(self, *args, **kwargs):
-		super().__init__(*args, **kwargs, fix=False)
+		super().__init__(*args, **{k: kwargs[k] for k in _LEAKY_KEYWORDS}, fix=False)
 
 
 class LeakyForkFixed(LeakyMoEBlock):
 	"""The fork's block with its trim/clear/gc patch-up (cleared after every update below)."""
 
 	def __init__(self, *args, **kwargs):
-		super().__init__(*args, **kwargs, fix=True)
+		super().__init__(*args, **{k: kwargs[k] for k in _LEAKY_KEYWORDS}, fix=True)
 
 
-LEAKY = {"leaky_fork": LeakyFork, "leaky_fork_fixed": LeakyForkFixed}
+LEAKY = {"leaky_fork": LeakyFork, "leaky_fork_fixed": LeakyForkFixed, "leaky_fork_e8k1": LeakyFork}
+
+
+def _moe_or_leaky_blocks(model):
+	# patch() checks that every head in moe_heads became a MoE head; with the leaky block in MoEBlock's
+	# place that check has to recognise the leaky block too.
+	heads = dict(dynamics=model._dynamics, reward=model._reward, pi=model._pi)
+	return {name: m for name, m in heads.items() if isinstance(m, (MoEBlock, LeakyMoEBlock))}
 
 
 def _agent(variant, monkeypatch):
@@ -83,12 +113,13 @@ def _agent(variant, monkeypatch):
 	patching.patch()
 	if variant in LEAKY:
 		monkeypatch.setattr(patching, "MoEBlock", LEAKY[variant])
+		monkeypatch.setattr(patching, "moe_blocks", _moe_or_leaky_blocks)
 	cfg = upstream.load_cfg(CFG + VARIANTS[variant])
 	cfg.obs_shape, cfg.action_dim, cfg.episode_length, cfg.seed_steps = {"state": (24,)}, 6, 500, 500
 	from tdmpc2 import TDMPC2
 	torch.manual_seed(0)
 	agent = TDMPC2(cfg)
-	if variant == "moe_no_bookkeeping" or variant in LEAKY:
+	if variant != "moe":
 		# Upstream's own update functions on this agent: no MoE metrics, no monitor.
 		agent._update = types.MethodType(patching.original_of(TDMPC2, "_update"), agent)
 		agent.update = types.MethodType(patching.original_of(TDMPC2, "update"), agent)
@@ -116,10 +147,32 @@ def test_update_step(benchmark, variant, root, monkeypatch):
 	for _ in range(WARMUP):
 		agent.update(buffer)
 	before = _resident_mb()
+	benchmark.group = "update"
 	benchmark.pedantic(agent.update, args=(buffer,), rounds=ROUNDS, iterations=1)
 	growth = _resident_mb() - before
-	benchmark.extra_info.update(rss_mb_per_1000_updates=growth * 1000 / ROUNDS, rounds=ROUNDS,
+	benchmark.extra_info.update(variant=variant, rss_mb_per_1000_updates=growth * 1000 / ROUNDS, rounds=ROUNDS,
 								threads=torch.get_num_threads(), batch_size=agent.cfg.batch_size)
+	patching.unpatch()
+
+
+@pytest.mark.parametrize("variant", ACT_VARIANTS)
+def test_act(benchmark, variant, root, monkeypatch):
+	"""One `act` at upstream's default planning (512 samples, 6 MPPI iterations, horizon 3, 24 pi trajectories)."""
+	agent, buffer = _agent(variant, monkeypatch)
+	for _ in range(3):
+		agent.update(buffer)
+	obs = torch.randn(24, generator=torch.Generator().manual_seed(0))
+
+	def act():
+		agent.act(obs, t0=True)
+		for block in agent.model.modules():
+			if isinstance(block, LeakyMoEBlock):
+				# Keep the never-cleared list from eating the host's memory; its cost is the append.
+				block.gate_history.clear()
+	benchmark.group = "act"
+	benchmark.pedantic(act, rounds=ACT_ROUNDS, iterations=1, warmup_rounds=1)
+	benchmark.extra_info.update(variant=variant, threads=torch.get_num_threads(),
+								num_samples=agent.cfg.num_samples, iterations=agent.cfg.iterations)
 	patching.unpatch()
 
 
@@ -135,3 +188,30 @@ def test_bookkeeping_alone(benchmark, root, monkeypatch):
 		agent.memory_monitor.step()
 	benchmark.pedantic(bookkeeping, rounds=ROUNDS * 5, iterations=1)
 	patching.unpatch()
+
+
+def _leaky_of(variant):
+	return "leaky_fork_e8k1" if "e8k1" in variant else "leaky_fork"
+
+
+def summarize(path):
+	"""Returns the README table for a benchmark JSON file: medians in ms and the ratios the targets are about."""
+	with open(path) as f:
+		benches = json.load(f)["benchmarks"]
+	median = {(b["group"], b["extra_info"]["variant"]): b["stats"]["median"] * 1e3
+			  for b in benches if "variant" in b["extra_info"]}
+	lines = ["| variant | update ms | / plain | / leaky fork | act ms | / plain | / leaky fork |",
+			 "|---|---|---|---|---|---|---|"]
+	for variant in VARIANTS:
+		cells = []
+		for group in ("update", "act"):
+			m = median.get((group, variant))
+			plain = median.get((group, "plain"), float("nan"))
+			leaky = median.get((group, _leaky_of(variant)), float("nan"))
+			cells.append("- | - | -" if m is None else f"{m:.1f} | {m / plain:.2f}x | {m / leaky:.2f}x")
+		lines.append(f"| {variant} | {' | '.join(cells)} |")
+	return "\n".join(lines)
+
+
+if __name__ == "__main__":
+	print(summarize(sys.argv[1]))

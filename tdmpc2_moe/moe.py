@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import check_int, check_number
+from .dispatch import DISPATCHES, choose, group_by_expert, run_grouped, run_padded, static_path
 from .history import GateHistory, routing_entropy
 from .moe_options import AdaptiveTemperature, SharedLinear, check_options, kl_to_uniform
 from .ops import orthonormalize, topk_gate
@@ -56,14 +57,40 @@ class ExpertLinear(nn.Module):
 		y = F.layer_norm(y, (self.out_features,))
 		return self.act(torch.addcmul(self.ln_bias.unsqueeze(1), y, self.ln_weight.unsqueeze(1)))
 
-	def forward_expert(self, x, e):
-		"""Returns expert `e`'s output [N, out] for its input `x` [N, in] (a plain GEMM and a fused LayerNorm)."""
-		y = F.linear(x, self.weight[e], self.bias[e])
+	def expert_views(self):
+		"""
+		Returns each expert's parameters, [(weight, bias, ln_weight, ln_bias)] * E (ln_* None without
+		norm), split from the stacked tensors by one `unbind` each. Indexing `self.weight[e]` per expert
+		would cost, in backward, a full-size zero gradient per view, summed E times; unbind's backward
+		stacks the E gradients once (zeros for experts that were not run).
+		"""
+		params = [self.weight.unbind(0), self.bias.unbind(0)]
+		params += [self.ln_weight.unbind(0), self.ln_bias.unbind(0)] if self.norm else [[None] * self.n_experts] * 2
+		return list(zip(*params))
+
+	def forward_with(self, x, weight, bias, ln_weight, ln_bias):
+		"""Returns one expert's output [N, out] for its input `x` [N, in] and its parameters (from `expert_views`)."""
+		y = F.linear(x, weight, bias)
 		if not self.norm:
 			return y
 		if self.dropout is not None:
 			y = self.dropout(y)
-		return self.act(F.layer_norm(y, (self.out_features,), self.ln_weight[e], self.ln_bias[e]))
+		return self.act(F.layer_norm(y, (self.out_features,), ln_weight, ln_bias))
+
+	def forward_tiles(self, x, tile_expert):
+		"""
+		Returns [T_n, T, out] for tiles of rows `x` [T_n, T, in], tile t run by expert `tile_expert[t]`:
+		one batched matmul against the tiles' gathered weights (the padded sparse dispatch, dispatch.py).
+		"""
+		y = torch.baddbmm(self.bias.index_select(0, tile_expert).unsqueeze(1), x,
+						  self.weight.index_select(0, tile_expert).transpose(1, 2))
+		if not self.norm:
+			return y
+		if self.dropout is not None:
+			y = self.dropout(y)
+		y = F.layer_norm(y, (self.out_features,))
+		return self.act(torch.addcmul(self.ln_bias.index_select(0, tile_expert).unsqueeze(1), y,
+									  self.ln_weight.index_select(0, tile_expert).unsqueeze(1)))
 
 	def extra_repr(self):
 		act = f", act={self.act.__class__.__name__}" if self.norm else ""
@@ -88,8 +115,13 @@ class MoEBlock(nn.Module):
 	Mixture-of-Experts drop-in for TD-MPC2's `layers.mlp(in_dim, mlp_dims, out_dim, act, dropout)`.
 	E experts with upstream's layer structure (NormedLinear hidden layers with dropout on the first,
 	a plain last Linear or a NormedLinear with `act`), a linear gate on the block input, `topk_gate`,
-	and the top-k weighted sum of the expert outputs. All experts are computed densely and the
-	combine is a dense [N, E] routing matrix, so every shape is static (CUDA graphs, torch.compile).
+	and the top-k weighted sum of the expert outputs.
+	`dispatch` (DESIGN.md 5b): "dense" computes every expert on every row and combines with a dense
+	[N, E] routing matrix (static shapes: CUDA graphs, torch.compile); "sparse" runs only each row's
+	top-k experts, grouped per expert (dispatch.py: exact groups on the CPU in eager mode, padded
+	static shapes on CUDA and under torch.compile), same values and gradients; "auto" (default) picks
+	by device and shape (`dispatch.choose`). Sparse is refused with `orthogonal=True` (every row needs
+	all E expert features); an empty batch always runs dense.
 	The load-balancing (+ z) loss rides on the output's autograd graph: whatever loss is
 	backpropagated through the output also trains the gate towards balance; nothing accumulates.
 	`history_rows=None` turns gate recording off.
@@ -110,7 +142,7 @@ class MoEBlock(nn.Module):
 	def __init__(self, in_dim, mlp_dims, out_dim, act=None, dropout=0., *, n_experts=4, top_k=2,
 				 temperature=1.0, aux_coef=0.01, zloss_coef=0.0, history_rows=65536, balance="switch",
 				 shared_head=False, orthogonal=False, gate_dims=None, target_entropy=None,
-				 temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0):
+				 temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0, dispatch="auto"):
 		super().__init__()
 		mlp_dims = [mlp_dims] if isinstance(mlp_dims, int) else list(mlp_dims)
 		for i, d in enumerate([in_dim, *mlp_dims, out_dim]):
@@ -131,6 +163,12 @@ class MoEBlock(nn.Module):
 			gate_dims=gate_dims, target_entropy=target_entropy, temperature_bounds=temperature_bounds,
 			temperature_rate=temperature_rate, temperature_freeze=temperature_freeze)
 		self.balance, self.shared_head = options["balance"], options["shared_head"]
+		if dispatch not in DISPATCHES:
+			raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
+		if dispatch == "sparse" and options["orthogonal"]:
+			raise ValueError("dispatch='sparse' cannot run with orthogonal=True: each row's E expert features are "
+							 "orthonormalised together, so every expert runs on every row; use 'dense' or 'auto'")
+		self.dispatch = dispatch
 		self.orthogonal, self.gate_dims = options["orthogonal"], options["gate_dims"]
 		dims = [in_dim, *mlp_dims, out_dim]
 		layers = [ExpertLinear(n_experts, dims[i], dims[i + 1], norm=True, dropout=dropout * (i == 0))
@@ -180,9 +218,10 @@ class MoEBlock(nn.Module):
 	def _is_batched(self, x):
 		return self.batched if self.batched is not None else x.device.type != "cpu"
 
-	def _expert(self, x, e):
-		for layer in self.expert_layers:
-			x = layer.forward_expert(x, e)
+	def _expert(self, x, e, views=None):
+		views = views or [layer.expert_views() for layer in self.expert_layers]
+		for layer, v in zip(self.expert_layers, views):
+			x = layer.forward_with(x, *v[e])
 		return x
 
 	def experts(self, x):
@@ -191,7 +230,8 @@ class MoEBlock(nn.Module):
 		the experts' last hidden features [E, N, mlp_dims[-1]], which the shared layer reads once mixed).
 		"""
 		if not self._is_batched(x):
-			return torch.stack([self._expert(x, e) for e in range(self.n_experts)])
+			views = [layer.expert_views() for layer in self.expert_layers]
+			return torch.stack([self._expert(x, e, views) for e in range(self.n_experts)])
 		for layer in self.expert_layers:
 			x = layer(x)
 		return x
@@ -232,18 +272,14 @@ class MoEBlock(nn.Module):
 		lead = x.shape[:-1]
 		x = x.reshape(-1, self.in_dim)
 		gate = self.route(x, self.history)
-		dtype = self.layers[-1].weight.dtype
-		routing = torch.zeros(x.shape[0], self.n_experts, dtype=dtype, device=x.device)
-		routing = routing.scatter(1, gate.indices, gate.weights.to(dtype))
-		if self._is_batched(x) or self.orthogonal:
-			features = self.experts(x)
-			if self.orthogonal:
-				features = orthonormalize(features)
-			out = (routing.t().unsqueeze(-1) * features).sum(0)
+		if self.dispatch_for(x) == "sparse" and x.shape[0]:
+			grouping = group_by_expert(gate.indices, gate.weights, self.n_experts)
+			if static_path(x.device.type):
+				out = run_padded(self.expert_layers, x, grouping, self.n_experts)
+			else:
+				out = run_grouped(self.expert_layers, x, grouping)
 		else:
-			out = routing[:, :1] * self._expert(x, 0)
-			for e in range(1, self.n_experts):
-				out = torch.addcmul(out, routing[:, e:e + 1], self._expert(x, e))
+			out = self._dense(x, gate)
 		if self.shared_head:
 			out = self.layers[-1](out)
 		if self.adaptive_temperature is not None and self.training and torch.is_grad_enabled() and x.shape[0]:
@@ -256,6 +292,27 @@ class MoEBlock(nn.Module):
 		if (self.aux_coef or self.zloss_coef) and torch.is_grad_enabled() and aux.requires_grad:
 			out = _AttachAux.apply(out, aux)
 		return out.reshape(*lead, self.out_dim)
+
+	def dispatch_for(self, x):
+		"""Returns "dense" or "sparse": how the block runs the rows `x` [N, in_dim] (`dispatch.choose`)."""
+		return choose(self.dispatch, static=static_path(x.device.type), grad=torch.is_grad_enabled(), rows=x.shape[0],
+					  n_experts=self.n_experts, top_k=self.top_k, orthogonal=self.orthogonal)
+
+	def _dense(self, x, gate):
+		# Every expert on every row, combined through the dense [N, E] routing matrix.
+		dtype = self.layers[-1].weight.dtype
+		routing = torch.zeros(x.shape[0], self.n_experts, dtype=dtype, device=x.device)
+		routing = routing.scatter(1, gate.indices, gate.weights.to(dtype))
+		if self._is_batched(x) or self.orthogonal:
+			features = self.experts(x)
+			if self.orthogonal:
+				features = orthonormalize(features)
+			return (routing.t().unsqueeze(-1) * features).sum(0)
+		views = [layer.expert_views() for layer in self.expert_layers]
+		out = routing[:, :1] * self._expert(x, 0, views)
+		for e in range(1, self.n_experts):
+			out = torch.addcmul(out, routing[:, e:e + 1], self._expert(x, e, views))
+		return out
 
 	def _record_last(self, gate):
 		n = max(gate.weights.shape[0], 1)
@@ -285,7 +342,8 @@ class MoEBlock(nn.Module):
 	def extra_repr(self):
 		rows = self.history.capacity if self.history is not None else None
 		options = "".join(f", {name}={getattr(self, name)!r}" for name, default in
-						  [("balance", "switch"), ("shared_head", False), ("orthogonal", False), ("gate_dims", None)]
+						  [("balance", "switch"), ("shared_head", False), ("orthogonal", False), ("gate_dims", None),
+						   ("dispatch", "auto")]
 						  if getattr(self, name) != default)
 		return f"n_experts={self.n_experts}, top_k={self.top_k}, temperature={self.temperature}, " \
 			f"aux_coef={self.aux_coef}, zloss_coef={self.zloss_coef}, history_rows={rows}{options}"

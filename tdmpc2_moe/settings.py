@@ -3,7 +3,7 @@ The plugin's settings (`MoESettings`): names, defaults, validation, how a TD-MPC
 them, the config keys they add, and which of them a checkpoint must match.
 
 This is the bottom of the package's Python layers: it imports nothing of the package but
-`checks.py`, so every other module (and `upstream.py`, which adds these keys to upstream's config)
+`checks.py` and the names of `dispatch.py` (which imports only torch), so every other module (and `upstream.py`, which adds these keys to upstream's config)
 can import it without a circle.
 """
 import dataclasses
@@ -12,6 +12,7 @@ import math
 import torch
 
 from .checks import check_int, check_number
+from .dispatch import DISPATCHES
 
 # The world-model heads that upstream builds with `layers.mlp` and that can become MoE.
 HEADS = ("encoder", "dynamics", "reward", "termination", "pi")
@@ -102,6 +103,7 @@ class MoESettings:
 	moe_temperature_rate: float = 0.02
 	moe_temperature_freeze: int = 0
 	moe_preset: str = None
+	moe_dispatch: str = "auto"
 	# Long runs (checkpoint.py): write work_dir/checkpoints/latest.pt every N environment steps (0: never),
 	# with the replay buffer or not, and continue from it.
 	checkpoint_interval: int = 0
@@ -180,6 +182,7 @@ class MoESettings:
 			moe_temperature_rate=check_number("moe_temperature_rate", raw["moe_temperature_rate"], positive=True),
 			moe_temperature_freeze=check_int("moe_temperature_freeze", raw["moe_temperature_freeze"], 0),
 			moe_preset=None if raw["moe_preset"] is None else _one_of("moe_preset", raw["moe_preset"], PRESETS),
+			moe_dispatch=_one_of("moe_dispatch", raw["moe_dispatch"], DISPATCHES),
 			checkpoint_interval=check_int("checkpoint_interval", raw["checkpoint_interval"], 0),
 			checkpoint_buffer=_as_bool("checkpoint_buffer", raw["checkpoint_buffer"]),
 			resume=_as_bool("resume", raw["resume"]),
@@ -195,7 +198,8 @@ class MoESettings:
 					history_rows=self.gate_history_rows or None, balance=self.moe_balance,
 					shared_head=self.moe_shared_head, orthogonal=self.moe_orthogonal,
 					target_entropy=self.moe_target_entropy, temperature_bounds=self.moe_temperature_bounds,
-					temperature_rate=self.moe_temperature_rate, temperature_freeze=self.moe_temperature_freeze)
+					temperature_rate=self.moe_temperature_rate, temperature_freeze=self.moe_temperature_freeze,
+					dispatch=self.moe_dispatch)
 
 	def checkpoint_dict(self):
 		"""Returns the settings a checkpoint records, as plain Python types (loadable with weights_only=True)."""
