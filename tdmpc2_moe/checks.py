@@ -2,6 +2,10 @@
 ValueError that names the argument."""
 import math
 
+# MoEBlock's dispatch modes (dispatch.py). Named here, with the checks, so that settings.py can validate
+# `moe_dispatch` without importing the module layer.
+DISPATCHES = ("auto", "dense", "sparse")
+
 
 def check_int(name, value, low, high=None):
 	"""Returns `value` when it is an int (not a bool) in low..high (no upper bound when `high` is None)."""

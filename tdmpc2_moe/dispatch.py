@@ -23,7 +23,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-DISPATCHES = ("auto", "dense", "sparse")
 
 
 class Grouping(NamedTuple):

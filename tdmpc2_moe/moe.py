@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_int, check_number
-from .dispatch import DISPATCHES, choose, group_by_expert, run_grouped, run_padded, static_path
+from .checks import DISPATCHES, check_int, check_number
+from .dispatch import choose, group_by_expert, run_grouped, run_padded, static_path
 from .history import GateHistory, routing_entropy
 from .moe_options import AdaptiveTemperature, SharedLinear, check_options, kl_to_uniform
 from .ops import orthonormalize, topk_gate

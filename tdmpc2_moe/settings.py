@@ -3,7 +3,7 @@ The plugin's settings (`MoESettings`): names, defaults, validation, how a TD-MPC
 them, the config keys they add, and which of them a checkpoint must match.
 
 This is the bottom of the package's Python layers: it imports nothing of the package but
-`checks.py` and the names of `dispatch.py` (which imports only torch), so every other module (and `upstream.py`, which adds these keys to upstream's config)
+`checks.py`, so every other module (and `upstream.py`, which adds these keys to upstream's config)
 can import it without a circle.
 """
 import dataclasses
@@ -11,8 +11,7 @@ import math
 
 import torch
 
-from .checks import check_int, check_number
-from .dispatch import DISPATCHES
+from .checks import DISPATCHES, check_int, check_number
 
 # The world-model heads that upstream builds with `layers.mlp` and that can become MoE.
 HEADS = ("encoder", "dynamics", "reward", "termination", "pi")
