@@ -5,28 +5,34 @@ forward); mlp_dim 384 (model_size 1, latent 128) and 512 (model_size 5, latent 5
 k = 1, 2. Variants: `moe` (history on), `moe_nohist` (history_rows=None), `experts` (only the
 experts' batched matmuls, no gate or combine), `leaky`, and `plain` (one mlp, no experts).
 
+The fork's model (DESIGN.md 5a), dense over E = 4, 8 experts: `dense` (MoEBlock, top_k = E, no
+other option), `fork` (MoEBlock with the fork preset's options: KL balance, shared head, orthogonal,
+adaptive temperature, history on), `fork_noortho` (the same without `orthogonal`: what the
+orthonormalisation costs) and `leaky_fork` (`baselines.LeakyForkMoEBlock`, the fork's layer as
+it ran: host list, detached KL, `.item()` per training forward). Their planning rows run in eval mode
+(as the fork planned).
+
 Summarise a `--benchmark-json` file as the README table with
 `python benchmarks/test_moe_block.py RESULTS.json`.
 """
 import json
+import math
 import sys
 import warnings
 
 import pytest
 import torch
 
+from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock, plain_mlp
 from tdmpc2_moe.moe import MoEBlock
-
-try:
-	from baselines.leaky_moe import LeakyMoEBlock, plain_mlp
-except ImportError:
-	from benchmarks.baselines.leaky_moe import LeakyMoEBlock, plain_mlp
 
 ACTION_DIM = 6
 LATENT = {384: 128, 512: 512}
 SHAPES = {"train": 256 * 3, "plan": 512}
 EXPERTS = [(4, 1), (4, 2), (8, 1), (8, 2)]
 VARIANTS = ["moe", "moe_nohist", "experts", "leaky"]
+FORK_EXPERTS = [4, 8]
+FORK_VARIANTS = ["dense", "fork", "fork_noortho", "leaky_fork"]
 
 
 class SimNorm(torch.nn.Module):
@@ -56,6 +62,13 @@ def _head(variant, mlp_dim, n_experts, top_k):
 		return plain_mlp(*args)
 	if variant == "leaky":
 		return LeakyMoEBlock(*args, n_experts=n_experts, top_k=top_k)
+	if variant == "leaky_fork":
+		return LeakyForkMoEBlock(*args, n_experts=n_experts)
+	if variant == "dense":
+		return MoEBlock(*args, n_experts=n_experts, top_k=n_experts)
+	if variant in ("fork", "fork_noortho"):
+		return MoEBlock(*args, n_experts=n_experts, top_k=n_experts, temperature=1.8, aux_coef=0.03, balance="kl",
+						shared_head=True, orthogonal=variant == "fork", target_entropy=0.75 * math.log(n_experts))
 	return MoEBlock(*args, n_experts=n_experts, top_k=top_k, history_rows=None if variant == "moe_nohist" else 65536)
 
 
@@ -63,6 +76,9 @@ def _step(head, variant, x):
 	"""Returns the callable timed: forward + backward for training rows, a no_grad forward for planning."""
 	forward = head.experts if variant == "experts" else head
 	if not x.requires_grad:
+		if variant in FORK_VARIANTS:
+			head.eval()   # the fork planned in eval mode: no temperature step (nor .item()) there
+
 		def plan():
 			with torch.no_grad():
 				forward(x)
@@ -77,6 +93,8 @@ def _step(head, variant, x):
 		if variant == "leaky":
 			# Keep the never-cleared list from eating the benchmark host's memory; its cost is the append.
 			head.gate_history.clear()
+		if variant == "leaky_fork":
+			head.zero_aux_loss()   # the fork reset its accumulator after every update
 	return train
 
 
@@ -84,6 +102,8 @@ def _run(benchmark, variant, shape, mlp_dim, n_experts=None, top_k=None):
 	head = _head(variant, mlp_dim, n_experts, top_k)
 	x = torch.randn(SHAPES[shape], LATENT[mlp_dim] + ACTION_DIM, requires_grad=shape == "train")
 	benchmark.group = f"{shape} mlp_dim={mlp_dim}" + (f" E={n_experts} k={top_k}" if n_experts else "")
+	if variant in FORK_VARIANTS:
+		benchmark.group = f"fork {shape} mlp_dim={mlp_dim} E={n_experts}"
 	benchmark.extra_info.update(variant=variant, shape=shape, mlp_dim=mlp_dim, n_experts=n_experts, top_k=top_k)
 	benchmark.pedantic(_step(head, variant, x), rounds=7, iterations=1, warmup_rounds=1)
 
@@ -94,6 +114,14 @@ def _run(benchmark, variant, shape, mlp_dim, n_experts=None, top_k=None):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_moe_block(benchmark, shape, mlp_dim, n_experts, top_k, variant):
 	_run(benchmark, variant, shape, mlp_dim, n_experts, top_k)
+
+
+@pytest.mark.parametrize("variant", FORK_VARIANTS)
+@pytest.mark.parametrize("n_experts", FORK_EXPERTS, ids=[f"E{e}" for e in FORK_EXPERTS])
+@pytest.mark.parametrize("mlp_dim", sorted(LATENT))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fork_model(benchmark, shape, mlp_dim, n_experts, variant):
+	_run(benchmark, variant, shape, mlp_dim, n_experts, n_experts)
 
 
 @pytest.mark.parametrize("mlp_dim", sorted(LATENT))
@@ -122,6 +150,17 @@ def summarize(path):
 					f"| {shape} ({SHAPES[shape]} rows) | {dim} | {e} | {k} | {plain:.2f} | {m['experts']:.2f} | {m['moe']:.2f} "
 					f"| {m['moe_nohist']:.2f} | {m['leaky']:.2f} | {100 * (m['moe'] / m['moe_nohist'] - 1):+.1f}% "
 					f"| {100 * (m['moe'] / m['experts'] - 1):+.1f}% | {m['leaky'] / m['moe']:.2f}x |")
+	lines += ["", "| shape | mlp_dim | E | plain | MoEBlock dense | fork options | fork options, not orthogonal "
+			  "| leaky fork | orthogonalisation share | leaky fork / fork options |", "|---|---|---|---|---|---|---|---|---|---|"]
+	for shape in SHAPES:
+		for dim in sorted(LATENT):
+			plain = median.get((shape, dim, None, None, "plain"), float("nan"))
+			for e in FORK_EXPERTS:
+				m = {v: median.get((shape, dim, e, e, v), float("nan")) for v in FORK_VARIANTS}
+				lines.append(
+					f"| {shape} ({SHAPES[shape]} rows) | {dim} | {e} | {plain:.2f} | {m['dense']:.2f} | {m['fork']:.2f} "
+					f"| {m['fork_noortho']:.2f} | {m['leaky_fork']:.2f} | {100 * (1 - m['fork_noortho'] / m['fork']):.1f}% "
+					f"| {m['leaky_fork'] / m['fork']:.2f}x |")
 	return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tdmpc2_moe import patching, upstream
-from tdmpc2_moe.leaky import LeakyMoEBlock
+from tdmpc2_moe.baselines import LeakyMoEBlock
 
 ROUNDS = int(os.environ.get("UPDATE_BENCH_ROUNDS", "200"))
 WARMUP = 20

@@ -61,7 +61,8 @@ class GateHistory(nn.Module):
 		else:
 			start = total % self.capacity
 			rows = torch.cat([self.ring[start:], self.ring[:start]])
-		return rows.float().cpu()
+		# A copy even on the CPU (where .float().cpu() of a float32 ring would be a view the next forward overwrites).
+		return rows.to("cpu", torch.float32, copy=True)
 
 	def stats(self, last=None):
 		"""

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from .checks import check_int, check_number
 from .history import GateHistory, routing_entropy
-from .ops import topk_gate
+from .moe_options import AdaptiveTemperature, SharedLinear, check_options, kl_to_uniform
+from .ops import orthonormalize, topk_gate
 
 
 class ExpertLinear(nn.Module):
@@ -95,10 +96,21 @@ class MoEBlock(nn.Module):
 	`batched` picks how the experts run: one batched matmul per layer (True), or per expert on views
 	of the same stacked weights (False; on CPU, BLAS GEMMs with a fused LayerNorm measured faster than
 	bmm with a separate per-expert affine). None (default): batched except on CPU.
+
+	The fork's model (DESIGN.md 5a; helpers in moe_options.py), keyword-only, off by default:
+	`balance="kl"` balances with `aux_coef * KL(uniform || expert_prob_mean)` instead of the Switch
+	term; `shared_head=True` makes the experts the hidden layers only and runs one shared last layer
+	after the mix; `orthogonal=True` orthonormalises each row's E mixed feature vectors (Gram-Schmidt
+	in expert order, `ops.orthonormalize`); `gate_dims=(start, stop)` makes the gate read only those
+	input columns; `target_entropy` (nats) adapts the temperature, starting at `temperature`, after
+	each training forward (see `AdaptiveTemperature`; `temperature_bounds`, `temperature_rate`,
+	`temperature_freeze`). `top_k=n_experts` is the dense softmax gate.
 	"""
 
 	def __init__(self, in_dim, mlp_dims, out_dim, act=None, dropout=0., *, n_experts=4, top_k=2,
-				 temperature=1.0, aux_coef=0.01, zloss_coef=0.0, history_rows=65536):
+				 temperature=1.0, aux_coef=0.01, zloss_coef=0.0, history_rows=65536, balance="switch",
+				 shared_head=False, orthogonal=False, gate_dims=None, target_entropy=None,
+				 temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0):
 		super().__init__()
 		mlp_dims = [mlp_dims] if isinstance(mlp_dims, int) else list(mlp_dims)
 		for i, d in enumerate([in_dim, *mlp_dims, out_dim]):
@@ -113,15 +125,31 @@ class MoEBlock(nn.Module):
 		self.temperature = check_number("temperature", temperature, positive=True)
 		self.aux_coef = check_number("aux_coef", aux_coef, positive=False)
 		self.zloss_coef = check_number("zloss_coef", zloss_coef, positive=False)
+		options = check_options(
+			in_dim=in_dim, mlp_dims=mlp_dims, out_dim=out_dim, n_experts=n_experts, top_k=top_k,
+			temperature=self.temperature, balance=balance, shared_head=shared_head, orthogonal=orthogonal,
+			gate_dims=gate_dims, target_entropy=target_entropy, temperature_bounds=temperature_bounds,
+			temperature_rate=temperature_rate, temperature_freeze=temperature_freeze)
+		self.balance, self.shared_head = options["balance"], options["shared_head"]
+		self.orthogonal, self.gate_dims = options["orthogonal"], options["gate_dims"]
 		dims = [in_dim, *mlp_dims, out_dim]
 		layers = [ExpertLinear(n_experts, dims[i], dims[i + 1], norm=True, dropout=dropout * (i == 0))
 				  for i in range(len(dims) - 2)]
-		layers.append(ExpertLinear(n_experts, dims[-2], dims[-1], norm=act is not None, act=act))
+		if shared_head:
+			layers.append(SharedLinear(dims[-2], dims[-1], norm=act is not None, act=act))
+		else:
+			layers.append(ExpertLinear(n_experts, dims[-2], dims[-1], norm=act is not None, act=act))
 		self.layers = nn.ModuleList(layers)
-		self.gate = nn.Linear(in_dim, n_experts)
+		gate_in = in_dim if self.gate_dims is None else self.gate_dims[1] - self.gate_dims[0]
+		self.gate = nn.Linear(gate_in, n_experts)
 		nn.init.trunc_normal_(self.gate.weight, std=0.02)
 		nn.init.zeros_(self.gate.bias)
 		self.history = GateHistory(history_rows, n_experts) if history_rows is not None else None
+		self.adaptive_temperature = None
+		if target_entropy is not None:
+			self.adaptive_temperature = AdaptiveTemperature(
+				self.temperature, options["target_entropy"], options["temperature_bounds"],
+				options["temperature_rate"], temperature_freeze)
 		self.batched = None
 		# Last forward's aux loss and routing summary, overwritten in place (fixed storage, no host sync).
 		self.register_buffer("_last_aux", torch.zeros(()), persistent=False)
@@ -130,7 +158,10 @@ class MoEBlock(nn.Module):
 		self.register_buffer("_last_entropy", torch.zeros(()), persistent=False)
 
 	def __getitem__(self, idx):
-		"""Returns layer `idx` (an ExpertLinear); `block[-1].weight` is every expert's last-layer weight [E, out, in]."""
+		"""
+		Returns layer `idx` (an ExpertLinear); `block[-1].weight` is every expert's last-layer weight
+		[E, out, in], or with `shared_head` the shared last layer's (a SharedLinear) weight [out, in].
+		"""
 		return self.layers[idx]
 
 	def __len__(self):
@@ -141,45 +172,82 @@ class MoEBlock(nn.Module):
 		"""Returns the aux loss of the latest forward (detached scalar tensor on the block's device)."""
 		return self._last_aux
 
+	@property
+	def expert_layers(self):
+		"""Returns the layers each expert has its own of: all of them, or the hidden ones with `shared_head`."""
+		return self.layers[:-1] if self.shared_head else self.layers
+
 	def _is_batched(self, x):
 		return self.batched if self.batched is not None else x.device.type != "cpu"
 
 	def _expert(self, x, e):
-		for layer in self.layers:
+		for layer in self.expert_layers:
 			x = layer.forward_expert(x, e)
 		return x
 
 	def experts(self, x):
-		"""Returns every expert's output for `x` [N, in_dim], stacked [E, N, out_dim]."""
+		"""
+		Returns every expert's output for `x` [N, in_dim], stacked [E, N, out_dim] (with `shared_head`,
+		the experts' last hidden features [E, N, mlp_dims[-1]], which the shared layer reads once mixed).
+		"""
 		if not self._is_batched(x):
 			return torch.stack([self._expert(x, e) for e in range(self.n_experts)])
-		for layer in self.layers:
+		for layer in self.expert_layers:
 			x = layer(x)
 		return x
 
+	def route(self, x, history=None):
+		"""
+		Returns the `Gate` of the rows of `x` [..., in_dim] (flattened to N rows) as the block routes
+		them: the gate reads the `gate_dims` columns, at the current temperature (the adaptive one when
+		`target_entropy` is set). With `history` (a GateHistory) the routing is recorded there too.
+		"""
+		x = x.reshape(-1, self.in_dim)
+		logits = self.gate(x if self.gate_dims is None else x[:, self.gate_dims[0]:self.gate_dims[1]])
+		if self.adaptive_temperature is None:
+			return topk_gate(logits, self.top_k, temperature=self.temperature, history=history)
+		return topk_gate(self.adaptive_temperature.scale(logits), self.top_k, history=history)
+
 	def aux_loss(self, gate):
-		"""Returns the block's auxiliary loss for a `Gate`: Switch load balancing plus the router z-loss."""
-		aux = self.aux_coef * self.n_experts * (gate.expert_frac * gate.expert_prob_mean).sum()
+		"""
+		Returns the block's auxiliary loss for a `Gate`: Switch load balancing (or, with balance="kl",
+		aux_coef * KL(uniform || expert_prob_mean)) plus the router z-loss.
+		"""
+		if self.balance == "kl":
+			aux = self.aux_coef * kl_to_uniform(gate.expert_prob_mean)
+		else:
+			aux = self.aux_coef * self.n_experts * (gate.expert_frac * gate.expert_prob_mean).sum()
 		if self.zloss_coef:
 			aux = aux + self.zloss_coef * gate.lse.pow(2).mean()
 		return aux
 
 	def forward(self, x):
-		"""Returns the top-k mixture of expert outputs, shape [..., out_dim] for `x` [..., in_dim]."""
+		"""
+		Returns the top-k mixture of expert outputs (with `orthogonal`, of their orthonormalised
+		features; with `shared_head`, passed through the shared last layer), [..., out_dim] for `x`
+		[..., in_dim]. A training forward (train mode, grad enabled) also steps the adaptive temperature.
+		"""
 		if x.shape[-1] != self.in_dim:
 			raise ValueError(f"x must have last dimension in_dim={self.in_dim}, got shape {tuple(x.shape)}")
 		lead = x.shape[:-1]
 		x = x.reshape(-1, self.in_dim)
-		gate = topk_gate(self.gate(x), self.top_k, temperature=self.temperature, history=self.history)
+		gate = self.route(x, self.history)
 		dtype = self.layers[-1].weight.dtype
 		routing = torch.zeros(x.shape[0], self.n_experts, dtype=dtype, device=x.device)
 		routing = routing.scatter(1, gate.indices, gate.weights.to(dtype))
-		if self._is_batched(x):
-			out = (routing.t().unsqueeze(-1) * self.experts(x)).sum(0)
+		if self._is_batched(x) or self.orthogonal:
+			features = self.experts(x)
+			if self.orthogonal:
+				features = orthonormalize(features)
+			out = (routing.t().unsqueeze(-1) * features).sum(0)
 		else:
 			out = routing[:, :1] * self._expert(x, 0)
 			for e in range(1, self.n_experts):
 				out = torch.addcmul(out, routing[:, e:e + 1], self._expert(x, e))
+		if self.shared_head:
+			out = self.layers[-1](out)
+		if self.adaptive_temperature is not None and self.training and torch.is_grad_enabled() and x.shape[0]:
+			self.adaptive_temperature.step(gate.weights)
 		aux = self.aux_loss(gate)
 		with torch.no_grad():
 			self._last_aux.copy_(aux)
@@ -200,7 +268,7 @@ class MoEBlock(nn.Module):
 		"""
 		Returns routing statistics as device tensors (no host sync): `usage` [E], `mean_weight` [E],
 		`entropy` [], `max_load` [] over the gate history (over the latest batch when history is off),
-		and `aux_loss` [] of the latest forward.
+		`aux_loss` [] of the latest forward and the gate's current `temperature` [].
 		"""
 		if self.history is not None:
 			out = self.history.stats()
@@ -208,9 +276,16 @@ class MoEBlock(nn.Module):
 			out = {"usage": self._last_usage, "mean_weight": self._last_mean_weight,
 				   "entropy": self._last_entropy, "max_load": self._last_usage.max()}
 		out["aux_loss"] = self._last_aux
+		if self.adaptive_temperature is not None:
+			out["temperature"] = self.adaptive_temperature.tau
+		else:
+			out["temperature"] = self._last_aux.new_full((), self.temperature)
 		return out
 
 	def extra_repr(self):
 		rows = self.history.capacity if self.history is not None else None
+		options = "".join(f", {name}={getattr(self, name)!r}" for name, default in
+						  [("balance", "switch"), ("shared_head", False), ("orthogonal", False), ("gate_dims", None)]
+						  if getattr(self, name) != default)
 		return f"n_experts={self.n_experts}, top_k={self.top_k}, temperature={self.temperature}, " \
-			f"aux_coef={self.aux_coef}, zloss_coef={self.zloss_coef}, history_rows={rows}"
+			f"aux_coef={self.aux_coef}, zloss_coef={self.zloss_coef}, history_rows={rows}{options}"

@@ -5,15 +5,13 @@ import warnings
 
 import torch
 
+from ._extension import load_compiled
 from .checks import check_int, check_number
 from .reference import Gate, record_reference, topk_gate_reference
 
-try:
-	from . import _C  # noqa: F401  (importing registers torch.ops.tdmpc2_moe.*)
-	_HAVE_C = True
-except ImportError as exc:
-	_HAVE_C = False
-	_IMPORT_ERROR = exc
+# Loading the extension registers torch.ops.tdmpc2_moe.*; None (with the reason) means the reference runs.
+_C, _WHY_REFERENCE = load_compiled()
+_HAVE_C = _C is not None
 
 _warned = False
 
@@ -27,12 +25,24 @@ def backend():
 	return "cpu"
 
 
+def backend_reason():
+	"""Returns one line saying why `backend()` is what it is (and so why it is not "cuda")."""
+	if not _HAVE_C:
+		return _WHY_REFERENCE
+	if not getattr(_C, "WITH_CUDA", False):
+		return "the extension was built without CUDA kernels (a CPU-only torch, or no nvcc at build time)"
+	if not torch.cuda.is_available():
+		return "the extension has CUDA kernels, but torch sees no CUDA device"
+	return "the extension has CUDA kernels and a CUDA device is available"
+
+
 def _warn_reference():
 	global _warned
 	if not _warned:
 		_warned = True
-		warnings.warn(f"tdmpc2_moe._C is not built ({_IMPORT_ERROR}); topk_gate runs the plain-PyTorch "
-					  "reference. Build with `pip install --no-build-isolation .`", RuntimeWarning, stacklevel=3)
+		warnings.warn(f"{_WHY_REFERENCE}; topk_gate runs the plain-PyTorch reference (slower). Build it with "
+					  "`pip install --no-build-isolation .` next to torch, or install a C++ compiler and ninja "
+					  "for the build on first import", RuntimeWarning, stacklevel=3)
 
 
 def _as_float32(value):
@@ -142,3 +152,32 @@ if _HAVE_C:
 	torch.library.register_fake("tdmpc2_moe::topk_gate", _gate_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_record", _record_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_backward", _backward_fake)
+# --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
+# Kept apart from the gating code above. Plain PyTorch for now (no compiled kernel):
+# benchmarks/test_orthonormalize.py measures it against torch.compile of the same code and against the
+# forward + backward of a MoEBlock with the fork's options.
+from .reference import ORTHONORMALIZE_EPS, orthonormalize_reference  # noqa: E402
+
+
+def orthonormalize(features, *, eps=ORTHONORMALIZE_EPS):
+	"""
+	Orthonormalises, per row, the E expert feature vectors that a MoE mixes (Gram-Schmidt in expert
+	order, as MOORE, Hendawy et al. 2024). `features` is [E, N, D] (expert-major: expert e's feature of
+	row n is `features[e, n]`), floating point, E <= D. Returns [E, N, D] in the input's dtype whose E
+	vectors are orthonormal for every row, differentiable. Degenerate vectors (zero, or (near-)parallel
+	to the earlier experts' span: residual norm below `eps`) come out as residual / eps, shorter than 1
+	and orthogonal to the earlier ones (zero for a zero residual), with finite values and gradients;
+	see `orthonormalize_reference`, which this runs.
+	"""
+	if not isinstance(features, torch.Tensor):
+		raise ValueError(f"features must be a tensor, got {type(features).__name__}")
+	if features.dim() != 3:
+		raise ValueError(f"features must be 3-D [E, N, D], got shape {tuple(features.shape)}")
+	if not features.is_floating_point():
+		raise ValueError(f"features must be floating point, got {features.dtype}")
+	e, _, d = features.shape
+	if e > d:
+		raise ValueError(f"features: n_experts E={e} exceeds the feature width D={d}; at most D vectors "
+						 "of width D can be orthonormal")
+	check_number("eps", eps, positive=True)
+	return orthonormalize_reference(features, float(eps))

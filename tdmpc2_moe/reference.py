@@ -84,3 +84,37 @@ def topk_gate_backward_reference(grad_weights, grad_prob_mean, grad_lse, logits,
 	g_p = torch.zeros_like(probs).scatter_add(1, indices, g_top) + grad_prob_mean / max(n, 1)
 	g_x = probs * (g_p - (g_p * probs).sum(-1, keepdim=True)) + grad_lse.unsqueeze(-1) * probs
 	return (g_x / temperature).to(logits.dtype)
+
+
+# --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
+
+ORTHONORMALIZE_EPS = 1e-4
+"""Default residual-norm floor of `orthonormalize`: well above float32 rounding noise for features of
+norm O(1)..O(100) (LayerNorm'd hidden layers), so an exactly dependent vector does not come out as
+amplified noise; it bounds the backward's gain by 1 / eps."""
+
+
+def orthonormalize_reference(features, eps=ORTHONORMALIZE_EPS):
+	"""
+	Gram-Schmidt (modified, with re-orthogonalisation) of the E vectors `features[:, n, :]` of every row n, in expert
+	order, for `features` [E, N, D] (expert-major, as MoEBlock and the fork's parallel layers hold
+	them). Returns q [E, N, D] in the input's dtype (computed in float32, float64 stays float64) with
+	r_i = x_i minus its projections on q_0..q_{i-1} and q_i = r_i / max(|r_i|, eps).
+	Where every |r_i| >= eps the q_i of a row are orthonormal. A vector whose residual is shorter than
+	eps (zero, or (near-)parallel to the span of the earlier ones) comes out as r_i / eps: orthogonal to
+	the earlier outputs, shorter than 1, the zero vector for an exactly zero residual; values and
+	gradients stay finite (the floor is where the norm's gradient is cut).
+	"""
+	x = _compute(features)
+	qs = []
+	for i in range(x.shape[0]):
+		r = x[i]
+		# Two projection passes ("twice is enough"): one leaves rounding-level components along the
+		# earlier q when x_i is nearly dependent on them, the second removes those.
+		for _ in range(2 if qs else 0):
+			for q in qs:
+				r = torch.addcmul(r, torch.linalg.vecdot(r, q).unsqueeze(-1), q, value=-1)
+		qs.append(r * torch.rsqrt(torch.linalg.vecdot(r, r).unsqueeze(-1).clamp(min=eps * eps)))
+	if not qs:
+		return features.clone()
+	return torch.stack(qs).to(features.dtype)

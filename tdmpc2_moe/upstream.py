@@ -1,17 +1,16 @@
 """
 Loading an unmodified TD-MPC2 checkout: locate it, import its modules, compose its Hydra config
-with this plugin's keys, and run its CUDA-only constructors on another device (CPU).
+with this plugin's keys. (Running its CUDA-only constructors on another device is `device.py`.)
 
 TD-MPC2 imports its own modules by top-level name (`common`, `envs`, `trainer`, `tdmpc2`), so its
 package directory goes on `sys.path`; these helpers are shared by `tdmpc2-moe train` and `play`.
 """
-import contextlib
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from .settings import config_defaults
 
 PINNED_COMMIT = "e9f59321933cbc8e11a002b842adc7d4ffae8ff1"
 ENV_VAR = "TDMPC2_ROOT"
@@ -88,7 +87,6 @@ def compose(overrides=(), path=None, plugin_keys=None):
 	from hydra.core.hydra_config import HydraConfig
 	from omegaconf import OmegaConf, open_dict
 	if plugin_keys is None:
-		from .patching import config_defaults
 		plugin_keys = config_defaults()
 	pkg = activate(path)
 	merged = config_yaml(pkg, plugin_keys)
@@ -113,94 +111,3 @@ def load_cfg(overrides=(), path=None):
 	cfg = compose(overrides, path)
 	from common.parser import parse_cfg
 	return parse_cfg(cfg)
-
-
-def resolve_device(device):
-	"""Returns `device` as a torch.device, or None for None (upstream's own 'cuda:0'). Raises ValueError naming `device`."""
-	if device is None or isinstance(device, torch.device):
-		return device
-	try:
-		return torch.device(device)
-	except (RuntimeError, TypeError) as exc:
-		raise ValueError(f"device must be None or a torch device string like 'cpu' or 'cuda:0', got {device!r}") from exc
-
-
-class _CudaOn:
-	"""`torch.cuda` as seen by upstream code redirected to `device`."""
-
-	def __init__(self, device):
-		self._device = device
-
-	def is_available(self):
-		"""Returns whether the redirected device can be used (upstream asserts CUDA before training)."""
-		return self._device.type != "cuda" or torch.cuda.is_available()
-
-	def mem_get_info(self, *args):
-		"""Returns (free, total) bytes of the redirected device; (0, 0) off CUDA, so upstream's buffer stores on the CPU."""
-		if self._device.type == "cuda":
-			return torch.cuda.mem_get_info(self._device)
-		return 0, 0
-
-	def __getattr__(self, name):
-		return getattr(torch.cuda, name)
-
-
-class _OptimOn:
-	"""`torch.optim` whose Adam is capturable only on CUDA (capturable=True rejects CPU parameters)."""
-
-	def __init__(self, device):
-		self._device = device
-
-	def Adam(self, *args, capturable=False, **kwargs):
-		return torch.optim.Adam(*args, capturable=capturable and self._device.type == "cuda", **kwargs)
-
-	def __getattr__(self, name):
-		return getattr(torch.optim, name)
-
-
-class TorchOn:
-	"""
-	Stands in for the `torch` module inside one upstream module while its CUDA-only code runs:
-	`torch.device('cuda:0')` and `device='cuda:0'` arguments of `torch.tensor` mean `device`,
-	`torch.cuda` and `torch.optim` are redirected as above, everything else is torch itself.
-	"""
-
-	def __init__(self, device):
-		self._device = device
-		self.cuda = _CudaOn(device)
-		self.optim = _OptimOn(device)
-
-	def _map(self, device):
-		if device is None:
-			return None
-		device = torch.device(device)
-		return self._device if device.type == "cuda" else device
-
-	def device(self, *args, **kwargs):
-		"""Returns torch.device(...) with any CUDA device replaced by the redirected device."""
-		return self._map(torch.device(*args, **kwargs))
-
-	def tensor(self, *args, device=None, **kwargs):
-		"""Returns torch.tensor(...) placed on the redirected device where upstream asks for CUDA."""
-		return torch.tensor(*args, device=self._map(device), **kwargs)
-
-	def __getattr__(self, name):
-		return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def torch_on(module, device):
-	"""
-	Within the block, `module`'s global `torch` is a `TorchOn(device)`; restored on exit.
-	Only constructors run under it (never compiled code), so torch.compile sees the real torch.
-	No-op when `device` is None.
-	"""
-	if device is None:
-		yield
-		return
-	previous = module.__dict__["torch"]
-	module.torch = TorchOn(device)
-	try:
-		yield
-	finally:
-		module.torch = previous

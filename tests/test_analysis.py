@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from tdmpc2_moe import analysis
+from tdmpc2_moe import gate_stats as analysis
 from tdmpc2_moe.cli import main as cli_main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -127,3 +127,57 @@ def test_analyze_unwritable_out_is_one_line_error(tmp_path, capsys):
 	assert cli_main(["analyze", str(tmp_path / "weight_stats.npz"), "--out", str(blocker / "sub")]) == 1
 	err = capsys.readouterr().err
 	assert err.count("\n") == 1 and "--out" in err and "Traceback" not in err
+
+
+def _two_tasks():
+	"""Hand-made weights of 3 episodes over tasks ["run", "walk"]: episodes (run 2 steps, walk 3, run 1)."""
+	w = np.array([[1.0, 0.0], [0.6, 0.4],  # run
+				  [0.0, 1.0], [0.5, 0.5], [0.2, 0.8],  # walk
+				  [0.8, 0.2]], dtype=np.float32)  # run
+	return {"reward": {"weights": w}}, [2, 3, 1], (["run", "walk"], [0, 1, 0])
+
+
+def test_task_statistics_of_hand_made_weights():
+	per_head, lengths, (names, episode_tasks) = _two_tasks()
+	s = analysis.task_statistics(per_head["reward"]["weights"], lengths, episode_tasks, 2)
+	assert s["steps"].tolist() == [3, 3]
+	np.testing.assert_allclose(s["mean"], [[0.8, 0.2], [0.7 / 3, 2.3 / 3]], rtol=1e-6)
+	# The tie at [0.5, 0.5] goes to the lower index, as in the gate.
+	np.testing.assert_allclose(s["usage"], [[1.0, 0.0], [1 / 3, 2 / 3]])
+	np.testing.assert_allclose(s["entropy"], [(_h([0.6, 0.4]) + _h([0.8, 0.2])) / 3,
+											  (math.log(2) + _h([0.2, 0.8])) / 3], rtol=1e-6)
+	table = analysis.task_table(per_head, lengths, (names, episode_tasks))
+	assert "| run | 3 | 0.800 | 0.200 | 0 |" in table and "| walk | 3 | 0.233 | 0.767 | 1 |" in table
+
+
+def test_multitask_weight_stats_extend_the_single_task_layout(tmp_path):
+	per_head, lengths, tasks = _two_tasks()
+	path = analysis.save_weight_stats(str(tmp_path / "weight_stats.npz"), per_head, lengths, tasks=tasks)
+	loaded, loaded_lengths, _ = analysis.load_weight_stats(path)  # the single-task reader still reads it
+	np.testing.assert_array_equal(loaded["reward"]["weights"], per_head["reward"]["weights"])
+	assert loaded_lengths.tolist() == lengths
+	names, episode_tasks = analysis.load_tasks(path)
+	assert names == ["run", "walk"] and episode_tasks.tolist() == [0, 1, 0]
+	np.testing.assert_allclose(loaded["reward"]["task_mean"], [[0.8, 0.2], [0.7 / 3, 2.3 / 3]], rtol=1e-6)
+	single = analysis.save_weight_stats(str(tmp_path / "single.npz"), per_head, lengths)
+	assert analysis.load_tasks(single) is None
+
+
+@pytest.mark.parametrize("tasks", [(["run"], [0, 1, 0]), (["run", "walk"], [0, 0]), (["run", "walk"], [0, 0, 0]),
+								   (["run", "walk"], [0.0, 1.0, 0.0]), "run"])
+def test_bad_tasks_raise_naming_tasks(tmp_path, tasks):
+	per_head, lengths, _ = _two_tasks()
+	with pytest.raises(ValueError, match="tasks"):
+		analysis.save_weight_stats(str(tmp_path / "w.npz"), per_head, lengths, tasks=tasks)
+
+
+def test_analyze_reproduces_the_task_table_and_heatmap(tmp_path, capsys):
+	per_head, lengths, tasks = _two_tasks()
+	analysis.save_weight_stats(str(tmp_path / "weight_stats.npz"), per_head, lengths, tasks=tasks)
+	out = tmp_path / "report"
+	assert cli_main(["analyze", str(tmp_path / "weight_stats.npz"), "--out", str(out)]) == 0
+	expected = analysis.summary_table(per_head) + "\n" + analysis.task_table(per_head, lengths, tasks)
+	assert capsys.readouterr().out.strip() == expected.strip()
+	assert (out / "summary.md").read_text().strip() == expected.strip()
+	with open(out / "tasks_experts.png", "rb") as f:
+		assert f.read(8) == PNG_MAGIC

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tdmpc2_moe import cli
-from tdmpc2_moe.demo import count_host_calls
+from tdmpc2_moe.cli.demo import count_host_calls
 
 
 def test_demo_prints_the_table_and_writes_the_png(tmp_path, capsys):

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from tdmpc2_moe import patching
+from tdmpc2_moe import heads, patching
 
 MOE_METRICS = ("moe_aux_loss", "moe_entropy", "moe_max_load")
 _TORCH_COMPILE = torch.compile
@@ -174,7 +174,7 @@ def test_moe_init_experts_copies_plain_heads_and_freeze_trains_gates_only(walker
 	cfg = walker_cfg("use_moe=true", "moe_experts=2", "moe_heads=[encoder,dynamics,pi]",
 					 f"moe_init_experts=[{paths[0]},{paths[1]}]", "moe_freeze_experts=true")
 	agent = _agent(cfg)
-	blocks = patching.moe_blocks(agent.model)
+	blocks = heads.moe_blocks(agent.model)
 	for name, prefix in (("encoder", "_encoder.state"), ("dynamics", "_dynamics"), ("pi", "_pi")):
 		for i in range(2):
 			for j, layer in enumerate(blocks[name].layers):
@@ -209,7 +209,7 @@ def test_train_command_runs_upstream_trainer_on_cpu(tdmpc2_root, tmp_path):
 			"model_size=1", "batch_size=16", "mpc=false", "use_moe=true", "moe_experts=2",
 			"monitor_mem_interval=250"]
 	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
-	out = subprocess.run([sys.executable, "-m", "tdmpc2_moe.cli", "train", *args], cwd=tmp_path,
+	out = subprocess.run([sys.executable, "-m", "tdmpc2_moe", "train", *args], cwd=tmp_path,
 						 capture_output=True, text=True, env=env, timeout=420)
 	assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 	assert "Training completed successfully" in out.stdout
@@ -220,7 +220,7 @@ def test_train_command_runs_upstream_trainer_on_cpu(tdmpc2_root, tmp_path):
 
 
 def test_train_command_rejects_bad_settings(tdmpc2_root, capsys):
-	from tdmpc2_moe import training
+	from tdmpc2_moe.cli import train as training
 	assert training.main(["--tdmpc2", str(tdmpc2_root), "use_moe=true", "moe_heads=[Qs]"]) == 2
 	assert "moe_heads" in capsys.readouterr().err
 	assert training.main(["--tdmpc2", str(tdmpc2_root), "no_such_key=1"]) == 2

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tdmpc2_moe.patching import MoESettings, config_defaults
+from tdmpc2_moe.settings import MoESettings, config_defaults
 
 PATCHES = Path(__file__).resolve().parent.parent / "patches"
 

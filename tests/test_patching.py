@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tdmpc2_moe import patching
+from tdmpc2_moe import heads, patching
 from tdmpc2_moe.moe import MoEBlock
-from tdmpc2_moe.patching import MoESettings
+from tdmpc2_moe.settings import MoESettings
 
 
 def test_defaults_are_the_documented_ones():
@@ -104,13 +104,13 @@ def test_use_moe_false_builds_upstream_model(walker_cfg):
 	from common.world_model import WorldModel
 	model = WorldModel(walker_cfg())
 	assert not any(isinstance(m, MoEBlock) for m in model.modules())
-	assert patching.moe_blocks(model) == {}
+	assert heads.moe_blocks(model) == {}
 
 
 def test_unpatch_restores_plain_world_model(walker_cfg):
 	from common.world_model import WorldModel
 	cfg = walker_cfg("use_moe=true")
-	assert patching.moe_blocks(WorldModel(cfg))
+	assert heads.moe_blocks(WorldModel(cfg))
 	patching.unpatch()
 	model = WorldModel(cfg)
 	assert not any(isinstance(m, MoEBlock) for m in model.modules())

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from tdmpc2_moe import analysis, play
+from tdmpc2_moe import gate_stats as analysis
+from tdmpc2_moe.cli import play
 from tdmpc2_moe.cli import main as cli_main
 from tdmpc2_moe.moe import MoEBlock
+from tdmpc2_moe.recording import GateRecorder
 from tdmpc2_moe.reference import dense_routing, topk_gate_reference
 
 MOE_SETTINGS = dict(use_moe=True, moe_experts=4, moe_top_k=2, moe_heads=["dynamics", "reward", "pi"],
@@ -74,7 +76,7 @@ def test_planner_mean_covers_the_rows_written_during_act(rows):
 	block = MoEBlock(5, [7], 3, n_experts=4, top_k=2, history_rows=8)
 	with torch.no_grad():
 		block(torch.randn(6, 5))  # earlier rows, partly overwritten below: the ring wraps
-		recorder = play.GateRecorder({"dynamics": block}, steps=2, device=torch.device("cpu"))
+		recorder = GateRecorder({"dynamics": block}, steps=2, device=torch.device("cpu"))
 		recorder.before_act()
 		x = torch.randn(rows, 5)
 		block(x)
@@ -152,3 +154,27 @@ def test_play_walker_end_to_end(walker_cfg, make_buffer, tdmpc2_root, tmp_path, 
 	assert (tmp_path / "again" / "summary.md").read_text() == table
 	assert capsys.readouterr().out.strip() == table.strip()
 	assert not os.path.exists(tmp_path / "again" / "video.mp4")
+
+
+@pytest.mark.parametrize("task, tasks, message", [
+	("walker-walk", "walker-walk", "--tasks is for multitask checkpoints"),
+	("mt30", "walker-walk,walker-moonwalk", "--tasks: 'walker-moonwalk' is not a task of mt30"),
+	("mt30", "30", "--tasks: '30' is not a task of mt30"),
+	("mt30", "1,walker-walk", "--tasks names 'walker-walk' twice"),
+])
+def test_bad_tasks_are_one_line_errors(tdmpc2_root, tmp_path, capsys, unpatched, task, tasks, message):
+	path = tmp_path / "moe.pt"
+	torch.save({"model": {}, "moe": MOE_SETTINGS}, path)
+	code = cli_main(["play", "--tdmpc2", str(tdmpc2_root), "--checkpoint", str(path), "--out", str(tmp_path / "out"),
+					 "--device", "cpu", "--tasks", tasks, f"task={task}", "model_size=1"])
+	assert code == 1
+	assert message in _one_line_error(capsys)
+
+
+def test_multitask_checkpoint_on_a_single_task_is_one_line_error(tdmpc2_root, tmp_path, capsys, unpatched):
+	path = tmp_path / "mt30.pt"
+	torch.save({"model": {"_task_emb.weight": torch.zeros(30, 96)}, "moe": MOE_SETTINGS}, path)
+	code = cli_main(["play", "--tdmpc2", str(tdmpc2_root), "--checkpoint", str(path), "--out", str(tmp_path / "out"),
+					 "--device", "cpu", "task=walker-walk", "model_size=1"])
+	assert code == 1
+	assert "is a multitask checkpoint (30 task embeddings); play it with task=mt30" in _one_line_error(capsys)

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from tdmpc2_moe.leaky import LeakyMoEBlock
+from tdmpc2_moe.baselines import LeakyMoEBlock
 from tdmpc2_moe.moe import MoEBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore:tdmpc2_moe._C is not built")

@@ -7,7 +7,9 @@ Differences from running upstream `python train.py` (none needs an edit to the c
 - hydra-submitit-launcher is not needed: the config is composed in-process without its launcher;
 - `device=cpu` trains on a machine without CUDA (upstream's CUDA assert checks the chosen device);
 - an explicit `seed_steps=N` is kept; upstream's `make_env` otherwise resets it to
-  max(1000, 5 * episode_length), which makes short runs impossible.
+  max(1000, 5 * episode_length), which makes short runs impossible;
+- `checkpoint_interval=N`, `checkpoint_buffer=true`, `resume=true`: crash-safe checkpoints and resume
+  (tdmpc2_moe/resume.py, checkpoint.py).
 """
 import argparse
 import contextlib
@@ -15,16 +17,18 @@ import importlib
 import os
 import sys
 
-from . import patching, upstream
+from .. import patching, resume, upstream
+from ..checkpoint import CheckpointError
+from ..device import torch_on
+from ..settings import MoESettings, config_defaults
 
 
 def _parser():
 	parser = argparse.ArgumentParser(
 		prog="tdmpc2-moe train",
 		description="Train TD-MPC2 with MoE heads through upstream's trainer. Any TD-MPC2 config key "
-					"or plugin key (use_moe, moe_experts, moe_top_k, moe_heads, moe_temperature, moe_aux_coef, "
-					"moe_zloss_coef, gate_history_rows, monitor_mem_interval, device, moe_init_experts, "
-					"moe_freeze_experts) can be given as key=value.")
+					f"or plugin key ({', '.join(config_defaults())}; patches/moe.yaml documents each) "
+					"can be given as key=value.")
 	parser.add_argument("--tdmpc2", metavar="PATH", default=None,
 						help=f"TD-MPC2 checkout (root or its tdmpc2/ directory); default ${upstream.ENV_VAR}")
 	parser.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. task=walker-walk")
@@ -59,7 +63,8 @@ def prepare(overrides, path=None):
 	"""
 	from omegaconf import OmegaConf
 	cfg = upstream.compose(overrides, path)
-	settings = patching.MoESettings.resolve(cfg)
+	settings = MoESettings.resolve(cfg)
+	resume.check_supported(cfg, settings)
 	seed_steps = None if OmegaConf.is_missing(cfg, "seed_steps") else cfg.seed_steps
 	if seed_steps is not None and (isinstance(seed_steps, bool) or not isinstance(seed_steps, int) or seed_steps < 0):
 		raise ValueError(f"seed_steps must be an int >= 0, got {seed_steps!r}")
@@ -72,12 +77,16 @@ def run(cfg, settings, seed_steps=None):
 	os.environ.setdefault("MUJOCO_GL", "egl")
 	patching.patch()
 	train_module = importlib.import_module("train")
-	with upstream.torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps):
+	with torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps), \
+			resume.resumable(train_module, settings):
 		train_module.train(cfg)
 
 
 def main(argv=None):
-	"""Entry point of `tdmpc2-moe train`; returns the exit code (2 for bad arguments or a missing checkout)."""
+	"""
+	Entry point of `tdmpc2-moe train`; returns the exit code: 2 for bad arguments or a missing
+	checkout, 1 (with a one-line message naming the file) for a checkpoint that cannot be resumed from.
+	"""
 	from hydra.errors import HydraException
 	args = _parser().parse_args(argv)
 	try:
@@ -85,5 +94,9 @@ def main(argv=None):
 	except (ValueError, FileNotFoundError, HydraException) as exc:
 		print(f"tdmpc2-moe train: {exc}", file=sys.stderr)
 		return 2
-	run(cfg, settings, seed_steps)
+	try:
+		run(cfg, settings, seed_steps)
+	except CheckpointError as exc:
+		print(f"tdmpc2-moe train: {exc}", file=sys.stderr)
+		return 1
 	return 0

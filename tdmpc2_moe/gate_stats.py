@@ -1,5 +1,6 @@
 """
-Statistics and plots of recorded gate weights, and `tdmpc2-moe analyze weight_stats.npz [--out DIR]`.
+Statistics, summary tables and npz I/O of recorded gate weights: the library half of `tdmpc2-moe
+play` and `tdmpc2-moe analyze` with gate_plots.py (their commands live in cli/).
 
 `weight_stats.npz` layout (written by `save_weight_stats`, read by `load_weight_stats`):
   heads                  [H] str    names of the MoE heads, in recording order
@@ -13,12 +14,18 @@ Statistics and plots of recorded gate weights, and `tdmpc2-moe analyze weight_st
   {head}/balanced        []         share of steps where no expert is above the threshold
   {head}/plan_weights    [T, E]     optional: mean routing vector over the planner's samples, per step
   {head}/plan_entropy    [T]        optional: mean routing entropy over the planner's samples, per step
+Multitask files (a multitask checkpoint played over several tasks) add, and change nothing above:
+  tasks                  [K] str    names of the played tasks, in playing order
+  episode_tasks          [n] int64  index into `tasks` of each episode (a task's episodes are
+                                    contiguous; step t belongs to the episode holding it)
+  {head}/task_mean       [K, E]     mean weight of each expert over each task's steps
+  {head}/task_usage      [K, E]     share of each task's steps where the expert has the largest weight
+  {head}/task_entropy    [K]        mean routing entropy over each task's steps (nats)
+A single-task file has none of them (`load_tasks` returns None for it).
 The derived arrays are stored for readers of the file; `analyze` recomputes them from the weights,
-so its table is the one `play` printed.
+so its tables are the ones `play` printed.
 """
-import argparse
 import os
-import sys
 import tempfile
 
 import numpy as np
@@ -26,9 +33,10 @@ import numpy as np
 DOMINANCE = 0.7
 _DERIVED = ("entropy", "usage", "mean", "std", "dominant", "balanced")
 _PLAN = ("plan_weights", "plan_entropy")
+_TASK_DERIVED = ("task_mean", "task_usage", "task_entropy")
 
 
-def routing_entropy(weights):
+def row_entropy(weights):
 	"""Returns the entropy (nats) of each row of `weights` [T, E], with 0 * log 0 taken as 0."""
 	w = np.asarray(weights, dtype=np.float64)
 	logw = np.log(np.where(w > 0, w, 1.0))
@@ -50,7 +58,7 @@ def weight_statistics(weights, dominance=DOMINANCE):
 		raise ValueError("weights must be finite")
 	t, e = w.shape
 	w64 = w.astype(np.float64)
-	entropy = routing_entropy(w64)
+	entropy = row_entropy(w64)
 	usage = np.bincount(w64.argmax(-1), minlength=e) / t
 	above = w64 > dominance
 	return {
@@ -101,16 +109,88 @@ def summary_table(per_head, dominance=DOMINANCE):
 	return "\n".join(lines)
 
 
-def save_weight_stats(path, per_head, episode_lengths, dominance=DOMINANCE):
+def check_tasks(tasks, episode_lengths):
+	"""
+	Returns `tasks` = (task_names, episode_tasks) as (list of str, int64 array), checked against
+	`episode_lengths`: one task index per episode, each in range, each named task played at least one
+	step. Raises ValueError naming `tasks` otherwise.
+	"""
+	try:
+		names, episode_tasks = tasks
+	except (TypeError, ValueError):
+		raise ValueError(f"tasks must be a pair (task_names, episode_tasks), got {tasks!r}") from None
+	names = [str(n) for n in names]
+	episode_tasks = np.asarray(episode_tasks).reshape(-1)
+	lengths = np.asarray(episode_lengths).reshape(-1)
+	if not names or any("/" in n for n in names):
+		raise ValueError(f"tasks: task_names must be non-empty names without '/', got {names}")
+	if episode_tasks.shape != lengths.shape or not np.issubdtype(episode_tasks.dtype, np.integer):
+		raise ValueError(f"tasks: episode_tasks must hold one integer per episode ({lengths.size}), "
+						 f"got {episode_tasks.dtype} of shape {episode_tasks.shape}")
+	if episode_tasks.size and (episode_tasks.min() < 0 or episode_tasks.max() >= len(names)):
+		raise ValueError(f"tasks: episode_tasks must index task_names (0..{len(names) - 1}), got {episode_tasks.tolist()}")
+	steps = np.bincount(episode_tasks, weights=lengths, minlength=len(names))
+	if (steps == 0).any():
+		raise ValueError(f"tasks: task {names[int(np.flatnonzero(steps == 0)[0])]!r} has no recorded step")
+	return names, episode_tasks.astype(np.int64)
+
+
+def task_statistics(weights, episode_lengths, episode_tasks, n_tasks):
+	"""
+	Returns per-task statistics of routing weights [T, E], step t belonging to the task of its
+	episode: `steps` [K], `mean` [K, E] (mean weight per task and expert), `usage` [K, E] (share of
+	the task's steps where the expert has the largest weight, ties to the lower index) and
+	`entropy` [K] (mean routing entropy, nats). Every task must have at least one step.
+	"""
+	w = np.asarray(weights, dtype=np.float64)
+	e = w.shape[1]
+	step_task = np.repeat(np.asarray(episode_tasks, dtype=np.int64), np.asarray(episode_lengths, dtype=np.int64))
+	steps = np.bincount(step_task, minlength=n_tasks).astype(np.float64)
+	mean = np.stack([np.bincount(step_task, weights=w[:, i], minlength=n_tasks) for i in range(e)], 1) / steps[:, None]
+	top = np.zeros((n_tasks, e))
+	np.add.at(top, (step_task, w.argmax(-1)), 1.0)
+	entropy = np.bincount(step_task, weights=row_entropy(w), minlength=n_tasks) / steps
+	return {"steps": steps.astype(np.int64), "mean": mean, "usage": top / steps[:, None], "entropy": entropy}
+
+
+def task_table(per_head, episode_lengths, tasks):
+	"""
+	Returns the per-task routing table as markdown: per head, one row per task with its steps, the
+	mean weight of every expert, the expert of largest mean weight and the mean routing entropy.
+	`tasks` is (task_names, episode_tasks) as `load_tasks` returns it.
+	"""
+	names, episode_tasks = check_tasks(tasks, episode_lengths)
+	lines = ["# Routing per task", ""]
+	for head, arrays in per_head.items():
+		e = arrays["weights"].shape[1]
+		s = task_statistics(arrays["weights"], episode_lengths, episode_tasks, len(names))
+		lines.append(f"## {head} (mean weight per task and expert, E={e})")
+		lines.append("")
+		header = ["task", "steps"] + [f"expert {i}" for i in range(e)] + ["top expert", "entropy"]
+		lines.append("| " + " | ".join(header) + " |")
+		lines.append("|" + "---|" * len(header))
+		for k, name in enumerate(names):
+			row = [name, str(s["steps"][k])] + [f"{x:.3f}" for x in s["mean"][k]]
+			row += [str(int(s["mean"][k].argmax())), f"{s['entropy'][k]:.3f}"]
+			lines.append("| " + " | ".join(row) + " |")
+		lines.append("")
+	return "\n".join(lines)
+
+
+def save_weight_stats(path, per_head, episode_lengths, dominance=DOMINANCE, tasks=None):
 	"""
 	Writes `per_head` ({head: {"weights": [T, E], optionally "plan_weights" [T, E], "plan_entropy" [T]}})
-	and the derived statistics to `path` (.npz, layout in the module docstring). Returns `path`.
+	and the derived statistics to `path` (.npz, layout in the module docstring). `tasks`, for a
+	multitask run, is (task_names, episode_tasks) and adds the per-task arrays. Returns `path`.
 	"""
 	if not per_head:
 		raise ValueError("per_head must name at least one head")
 	lengths = np.asarray(episode_lengths, dtype=np.int64).reshape(-1)
 	arrays = {"heads": np.array(list(per_head)), "episode_lengths": lengths,
 			  "dominance_threshold": np.float64(dominance)}
+	if tasks is not None:
+		names, episode_tasks = check_tasks(tasks, lengths)
+		arrays.update(tasks=np.array(names), episode_tasks=episode_tasks)
 	for head, data in per_head.items():
 		if "/" in head:
 			raise ValueError(f"per_head names must not contain '/', got {head!r}")
@@ -125,6 +205,10 @@ def save_weight_stats(path, per_head, episode_lengths, dominance=DOMINANCE):
 		for key in _PLAN:
 			if data.get(key) is not None:
 				arrays[f"{head}/{key}"] = np.asarray(data[key], dtype=np.float32)
+		if tasks is not None:
+			t = task_statistics(w, lengths, episode_tasks, len(names))
+			for key in _TASK_DERIVED:
+				arrays[f"{head}/{key}"] = t[key.split("_", 1)[1]]
 	with open(path, "wb") as f:
 		np.savez_compressed(f, **arrays)
 	return path
@@ -156,66 +240,23 @@ def load_weight_stats(path):
 	return per_head, files["episode_lengths"], float(files["dominance_threshold"])
 
 
-def plot_head(path, head, arrays, episode_lengths, dominance=DOMINANCE):
+def load_tasks(path):
 	"""
-	Draws one head's gate weights into a PNG at `path`: histogram of weights per expert, weights over
-	time (planner means dashed, episode boundaries dotted), box plot per expert and usage bars.
-	Returns `path`.
+	Returns (task_names, episode_tasks) of a multitask weight_stats.npz at `path`, None for a
+	single-task one. Raises ValueError when `path` is not a readable weight_stats.npz or its task
+	arrays do not fit its episodes.
 	"""
-	from matplotlib.figure import Figure  # no pyplot: no global backend state, renders with Agg
-
-	w = np.asarray(arrays["weights"], dtype=np.float64)
-	t, e = w.shape
-	s = weight_statistics(w, dominance)
-	colors = [f"C{i % 10}" for i in range(e)]
-	fig = Figure(figsize=(12, 8), layout="constrained")
-	ax = fig.subplots(2, 2)
-	fig.suptitle(f"{head}: gate weights on the real observation's latent (T={t}, E={e})")
-
-	bins = np.linspace(0, 1, 21)
-	for i in range(e):
-		ax[0, 0].hist(w[:, i], bins=bins, histtype="step", linewidth=1.5, color=colors[i], label=f"expert {i}")
-	ax[0, 0].axvline(dominance, color="k", linestyle=":", linewidth=1)
-	ax[0, 0].set(title="histogram of weights per expert", xlabel="weight", ylabel="steps")
-	ax[0, 0].legend(fontsize="small")
-
-	steps = np.arange(t)
-	plan = arrays.get("plan_weights")
-	for i in range(e):
-		ax[0, 1].plot(steps, w[:, i], color=colors[i], linewidth=1, label=f"expert {i}")
-		if plan is not None:
-			ax[0, 1].plot(steps, np.asarray(plan)[:, i], color=colors[i], linewidth=1, linestyle="--")
-	for end in np.cumsum(episode_lengths)[:-1]:
-		ax[0, 1].axvline(end, color="k", linestyle=":", linewidth=1)
-	title = "weights over time" + (" (dashed: planner mean)" if plan is not None else "")
-	ax[0, 1].set(title=title, xlabel="environment step", ylabel="weight", ylim=(-0.02, 1.02))
-
-	ax[1, 0].boxplot([w[:, i] for i in range(e)], tick_labels=[str(i) for i in range(e)])
-	ax[1, 0].set(title="weight distribution per expert", xlabel="expert", ylabel="weight")
-
-	ax[1, 1].bar(np.arange(e), s["usage"], color=colors)
-	ax[1, 1].axhline(1.0 / (4 * e), color="r", linestyle=":", linewidth=1, label="collapse threshold 1/(4E)")
-	ax[1, 1].set(title=f"usage share (argmax) · balanced steps {s['balanced']:.2f}", xlabel="expert",
-				 ylabel="share of steps", xticks=np.arange(e))
-	ax[1, 1].legend(fontsize="small")
-	fig.savefig(path, dpi=100)
-	return path
-
-
-def write_report(out_dir, per_head, episode_lengths, dominance=DOMINANCE):
-	"""
-	Prints the summary table, writes it to `out_dir`/summary.md and one PNG per head
-	(`gates_{head}.png`). Returns the list of written paths.
-	"""
-	table = summary_table(per_head, dominance)
-	print(table)
-	summary = os.path.join(out_dir, "summary.md")
-	with open(summary, "w") as f:
-		f.write(table + "\n")
-	written = [summary]
-	for head, arrays in per_head.items():
-		written.append(plot_head(os.path.join(out_dir, f"gates_{head}.png"), head, arrays, episode_lengths, dominance))
-	return written
+	_, episode_lengths, _ = load_weight_stats(path)
+	with np.load(path, allow_pickle=False) as data:
+		if "tasks" not in data.files and "episode_tasks" not in data.files:
+			return None
+		if "tasks" not in data.files or "episode_tasks" not in data.files:
+			raise ValueError(f"path {path!r} has only one of 'tasks' and 'episode_tasks'")
+		tasks = (data["tasks"].tolist(), data["episode_tasks"])
+	try:
+		return check_tasks(tasks, episode_lengths)
+	except ValueError as exc:
+		raise ValueError(f"path {path!r}: {exc}") from None
 
 
 def check_out_dir(out_dir):
@@ -231,24 +272,3 @@ def check_out_dir(out_dir):
 	except OSError as exc:
 		raise ValueError(f"--out {out_dir!r} is not writable ({exc.strerror})") from None
 	return out_dir
-
-
-def main(argv=None):
-	"""`tdmpc2-moe analyze weight_stats.npz [--out DIR]`; returns the process exit code."""
-	parser = argparse.ArgumentParser(prog="tdmpc2-moe analyze",
-									 description="Summary table and plots of the gate weights in a weight_stats.npz.")
-	parser.add_argument("weight_stats", help="a weight_stats.npz written by `tdmpc2-moe play`")
-	parser.add_argument("--out", default=None, help="output directory (default: the file's directory)")
-	args = parser.parse_args(argv)
-	try:
-		per_head, episode_lengths, dominance = load_weight_stats(args.weight_stats)
-		out_dir = check_out_dir(args.out or os.path.dirname(os.path.abspath(args.weight_stats)))
-		write_report(out_dir, per_head, episode_lengths, dominance)
-	except (ValueError, OSError) as exc:
-		print(f"tdmpc2-moe analyze: error: {exc}", file=sys.stderr)
-		return 1
-	return 0
-
-
-if __name__ == "__main__":
-	sys.exit(main())

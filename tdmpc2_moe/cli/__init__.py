@@ -1,12 +1,13 @@
-"""`tdmpc2-moe`: train, play, analyze, demo. Each subcommand lives in its own module and parses its own flags."""
+"""`tdmpc2-moe`: train, play, analyze, demo, doctor. Each subcommand is a module of this package that parses its own flags."""
 import importlib
 import sys
 
 COMMANDS = {
-	"train": ("tdmpc2_moe.training", "train TD-MPC2 with MoE heads through upstream's trainer"),
-	"play": ("tdmpc2_moe.play", "run a checkpoint and record how the gates weigh the experts"),
-	"analyze": ("tdmpc2_moe.analysis", "summary table and plots from a saved weight_stats.npz"),
-	"demo": ("tdmpc2_moe.demo", "leaky fork-style MoE vs MoEBlock, side by side (no TD-MPC2 needed)"),
+	"train": ("tdmpc2_moe.cli.train", "train TD-MPC2 with MoE heads through upstream's trainer"),
+	"play": ("tdmpc2_moe.cli.play", "run a checkpoint and record how the gates weigh the experts"),
+	"analyze": ("tdmpc2_moe.cli.analyze", "summary table and plots from a saved weight_stats.npz"),
+	"demo": ("tdmpc2_moe.cli.demo", "leaky fork-style MoE vs MoEBlock, side by side (no TD-MPC2 needed)"),
+	"doctor": ("tdmpc2_moe.cli.doctor", "what runs and why: versions, backend, checkout, patch, rendering"),
 }
 
 

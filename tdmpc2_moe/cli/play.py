@@ -6,12 +6,18 @@ Two series per head and step:
 - `weights`: the gate's routing vector on the real observation. The head's gate is run on the
   input the head would see for it: the observation for "encoder", the latent z = encode(obs) for
   "pi" and "termination", and [z, a] with the action `a` the agent chose for "dynamics" and
-  "reward". Only the gate runs (no expert, no ring write, no random numbers drawn).
+  "reward" (with the task embedding for multitask agents). Only the gate runs, on the columns it reads
+  and at its current temperature (no expert, no ring write, no random numbers drawn).
 - `plan_weights` / `plan_entropy`: the mean routing vector and the mean routing entropy over every
   gate row the head wrote into its device ring while the planner chose that action (cursor before
   and after `act`; averaged on the device over the last `gate_history_rows` of them at most).
 Both are accumulated in device tensors and copied to the host once, at the end
 (`--show-weights` copies each step's rows to print them).
+
+A multitask checkpoint (task=mt30 or mt80) is played over the tasks `--tasks` names (default: all of
+the set), `--episodes` episodes each, with upstream's multitask environment (all of the set's
+environments are built, as upstream's evaluate.py does); the gate is probed with the task's index,
+and the files and summary gain the per-task routing table and a task x expert heatmap.
 """
 import argparse
 import os
@@ -20,12 +26,11 @@ import sys
 import numpy as np
 import torch
 
-from . import analysis
-from .history import routing_entropy
+from .. import gate_plots, gate_stats
+from ..heads import HEAD_PREFIX, moe_blocks
+from ..recording import GateRecorder, VideoWriter
+from ..settings import checkpoint_overrides
 
-# Checkpoint key prefix of each head's gate, to recognise MoE checkpoints saved without settings.
-_GATE_PREFIX = {"_encoder.state": "encoder", "_dynamics": "dynamics", "_reward": "reward",
-				"_termination": "termination", "_pi": "pi"}
 # Overrides applied before the user's: planning is not compiled for a short evaluation run.
 _PLAY_DEFAULTS = ["compile=false", "enable_wandb=false", "save_video=false"]
 
@@ -58,11 +63,10 @@ def load_checkpoint(path):
 		raise PlayError(f"--checkpoint {path!r} is not a TD-MPC2 checkpoint (expected a dict with a 'model' state dict)")
 	settings = state.get("moe")
 	if isinstance(settings, dict) and settings.get("use_moe"):
-		heads = ",".join(settings["moe_heads"])
-		return state, ["use_moe=true", f"moe_experts={settings['moe_experts']}", f"moe_top_k={settings['moe_top_k']}",
-					   f"moe_heads=[{heads}]", f"moe_temperature={settings['moe_temperature']}"]
+		return state, checkpoint_overrides(settings)
 	model = state.get("model", state)
-	gates = {head: model[f"{prefix}.gate.weight"] for prefix, head in _GATE_PREFIX.items()
+	# A MoE head's gate is at `<head prefix>.gate.weight`: it recognises MoE checkpoints saved without settings.
+	gates = {head: model[f"{prefix}.gate.weight"] for head, prefix in HEAD_PREFIX.items()
 			 if f"{prefix}.gate.weight" in model}
 	if not gates:
 		raise PlayError(f"--checkpoint {path!r} has no MoE heads (plain TD-MPC2, use_moe=false); "
@@ -73,110 +77,8 @@ def load_checkpoint(path):
 	return state, ["use_moe=true", f"moe_experts={experts.pop()}", f"moe_heads=[{','.join(gates)}]"]
 
 
-class GateRecorder:
-	"""
-	Per-head device buffers for one episode of at most `steps` steps: routing weights on the real
-	observation [steps, E], planner mean weights [steps, E] and planner mean entropy [steps].
-	"""
-
-	def __init__(self, blocks, steps, device):
-		self.blocks = blocks
-		self.weights = {h: torch.zeros(steps, b.n_experts, device=device) for h, b in blocks.items()}
-		self.plan = {h: torch.zeros(steps, b.n_experts, device=device) for h, b in blocks.items() if b.history is not None}
-		self.plan_entropy = {h: torch.zeros(steps, device=device) for h in self.plan}
-		self._before = {}
-
-	def before_act(self):
-		"""Remembers each ring's cursor (a device copy, no sync) before the planner runs."""
-		self._before = {h: self.blocks[h].history.cursor.clone() for h in self.plan}
-
-	def after_act(self, t):
-		"""Stores at row `t` the mean routing vector and entropy of the ring rows written since `before_act`."""
-		for h in self.plan:
-			history = self.blocks[h].history
-			cap = history.capacity
-			written = torch.clamp(history.cursor - self._before[h], max=cap)
-			# Ring slot p holds a row of this step when it is among the `written` slots after the old cursor.
-			age = torch.remainder(torch.arange(cap, device=history.device) - self._before[h], cap)
-			mask = (age < written).unsqueeze(-1)
-			w = history.ring.float() * mask
-			n = torch.clamp(written, min=1).float()
-			self.plan[h][t] = w.sum(0) / n
-			self.plan_entropy[h][t] = routing_entropy(w, n)
-
-	@torch.no_grad()
-	def probe(self, t, model, obs, action, task):
-		"""Stores at row `t` each head's routing vector for the real observation `obs` [1, ...] and `action` [1, A]."""
-		from .ops import topk_gate
-		from .reference import dense_routing
-		multitask = model.cfg.multitask
-		x = model.task_emb(obs, task) if multitask else obs
-		z = model.encode(obs, task)
-		zt = model.task_emb(z, task) if multitask else z
-		inputs = {"encoder": x, "pi": zt, "termination": zt,
-				  "dynamics": torch.cat([zt, action], -1), "reward": torch.cat([zt, action], -1)}
-		for h, block in self.blocks.items():
-			gate = topk_gate(block.gate(inputs[h]), block.top_k, temperature=block.temperature)
-			self.weights[h][t] = dense_routing(gate.weights, gate.indices, block.n_experts)[0]
-
-	def row(self, t):
-		"""Returns {head: (weights [E], planner mean [E] or None)} of step `t` on the host (for printing)."""
-		return {h: (self.weights[h][t].cpu(), self.plan[h][t].cpu() if h in self.plan else None) for h in self.blocks}
-
-	def finish(self, steps):
-		"""Returns {head: {weights, plan_weights, plan_entropy}} numpy arrays of the first `steps` rows (one copy)."""
-		out = {}
-		for h in self.blocks:
-			out[h] = {"weights": self.weights[h][:steps].cpu().numpy()}
-			if h in self.plan:
-				out[h]["plan_weights"] = self.plan[h][:steps].cpu().numpy()
-				out[h]["plan_entropy"] = self.plan_entropy[h][:steps].cpu().numpy()
-		return out
-
-
-class VideoWriter:
-	"""Streams rendered frames into an mp4 with imageio; after the first failure it only reports why."""
-
-	def __init__(self, path, fps=15):
-		self.path, self.fps = path, fps
-		self.problem = None
-		self._writer = None
-		try:
-			import imageio  # noqa: F401
-			import imageio_ffmpeg  # noqa: F401
-		except ImportError:
-			self.problem = "video.mp4 needs imageio and imageio-ffmpeg (pip install imageio imageio-ffmpeg)"
-
-	def add(self, env):
-		"""Renders `env` and appends the frame; returns False once recording has failed."""
-		if self.problem is not None:
-			return False
-		try:
-			frame = env.render()
-			if self._writer is None:
-				import imageio
-				self._writer = imageio.get_writer(self.path, fps=self.fps, macro_block_size=1)
-			self._writer.append_data(np.asarray(frame))
-		except Exception as exc:
-			self.problem = f"rendering failed ({type(exc).__name__}: {_first_line(exc)}); " \
-						   "try MUJOCO_GL=egl or MUJOCO_GL=osmesa"
-			self.close()
-			if os.path.exists(self.path):
-				os.remove(self.path)
-			return False
-		return True
-
-	def close(self):
-		"""Finishes the file. Returns the path when a video was written, else None."""
-		writer, self._writer = self._writer, None
-		if writer is not None:
-			writer.close()
-			return self.path
-		return None
-
-
-def _format_row(t, row):
-	parts = [f"step {t:5d}"]
+def _format_row(t, row, task=None):
+	parts = [f"step {t:5d}"] if task is None else [f"{task} step {t:5d}"]
 	for h, (w, plan) in row.items():
 		text = " ".join(f"{x:.2f}" for x in w.tolist())
 		if plan is not None:
@@ -185,20 +87,46 @@ def _format_row(t, row):
 	return "  ".join(parts)
 
 
+def select_tasks(spec, cfg):
+	"""
+	Returns the indices into `cfg.tasks` of the tasks `spec` names (--tasks: comma-separated names or
+	indices; None = all of them), or [None] for a single-task cfg. Raises PlayError naming --tasks.
+	"""
+	if not cfg.multitask:
+		if spec is not None:
+			raise PlayError(f"--tasks is for multitask checkpoints (task=mt30 or task=mt80), got task={cfg.task}")
+		return [None]
+	if spec is None:
+		return list(range(len(cfg.tasks)))
+	chosen = []
+	for item in (x.strip() for x in spec.split(",")):
+		if item.isdigit() and int(item) < len(cfg.tasks):
+			index = int(item)
+		elif item in cfg.tasks:
+			index = list(cfg.tasks).index(item)
+		else:
+			raise PlayError(f"--tasks: {item!r} is not a task of {cfg.task} (give names such as {cfg.tasks[0]!r} "
+							f"or indices 0..{len(cfg.tasks) - 1})")
+		if index in chosen:
+			raise PlayError(f"--tasks names {cfg.tasks[index]!r} twice")
+		chosen.append(index)
+	return chosen
+
+
 def build(args, overrides):
 	"""
-	Returns `(cfg, env, agent)`: upstream's config with `overrides`, its environment and a patched
-	agent on the chosen device. Raises PlayError for a bad checkout path, override, task or setting.
+	Returns `(cfg, env, agent, tasks)`: upstream's config with `overrides`, its environment, a
+	patched agent on the chosen device and the task indices to play (`select_tasks`). Raises
+	PlayError for a bad checkout path, override, task, --tasks or setting.
 	"""
-	from . import upstream
+	from .. import upstream
 	try:
 		cfg = upstream.load_cfg(overrides, args.tdmpc2)
 	except FileNotFoundError as exc:
 		raise PlayError(f"--tdmpc2: {_first_line(exc)}") from None
 	except Exception as exc:
 		raise PlayError(f"cannot compose the TD-MPC2 config with overrides {args.overrides}: {_first_line(exc)}") from None
-	if cfg.multitask:
-		raise PlayError(f"task={cfg.task} is multi-task; play runs single-task checkpoints")
+	tasks = select_tasks(args.tasks, cfg)
 	from common.seed import set_seed
 	from envs import make_env
 	from tdmpc2 import TDMPC2
@@ -206,51 +134,59 @@ def build(args, overrides):
 	try:
 		env = make_env(cfg)
 	except Exception as exc:
+		if cfg.multitask:
+			raise PlayError(f"task={cfg.task}: TD-MPC2 could not make the environments of its tasks "
+							f"({_first_line(exc)})") from None
 		raise PlayError(f"unknown task {cfg.task!r}: TD-MPC2 could not make its environment ({_first_line(exc)})") from None
 	try:
 		agent = TDMPC2(cfg)
 	except ValueError as exc:  # a bad plugin setting, named by the settings check
 		raise PlayError(_first_line(exc)) from None
-	return cfg, env, agent
+	return cfg, env, agent, tasks
 
 
-def run(args, cfg, env, agent, out_dir):
+def run(args, cfg, env, agent, out_dir, tasks=(None,)):
 	"""
-	Runs `args.episodes` evaluation episodes of at most `args.num_steps` steps. Returns
-	`(per_head, results, video_note)`: the recorded gate series, the results arrays and a line about
-	the video (None when none was asked for).
+	Runs `args.episodes` evaluation episodes of at most `args.num_steps` steps for each task index
+	in `tasks` ([None] for a single-task agent). Returns `(per_head, results, video_note)`: the
+	recorded gate series, the results arrays (with `episode_tasks`, indices into `tasks`, when
+	multitask) and a line about the video (None when none was asked for).
 	"""
 	from tqdm import tqdm
-	from .patching import moe_blocks
 	blocks = moe_blocks(agent.model)
 	device = agent.device
-	steps = min(args.num_steps or cfg.episode_length, cfg.episode_length)
 	video = VideoWriter(os.path.join(out_dir, "video.mp4")) if args.record_video else None
-	series, rewards, actions, observations, lengths = [], [], [], [], []
-	bar = tqdm(total=args.episodes * steps, desc="play", unit="step")
-	for _ in range(args.episodes):
-		recorder = GateRecorder(blocks, steps, device)
-		obs, done, t = env.reset(), False, 0
-		if video is not None:
-			video.add(env)
-		while not done and t < steps:
-			observations.append(obs)
-			recorder.before_act()
-			action = agent.act(obs, t0=t == 0, eval_mode=True)
-			recorder.after_act(t)
-			recorder.probe(t, agent.model, obs.to(device).unsqueeze(0), action.to(device).unsqueeze(0), None)
-			if args.show_weights:
-				tqdm.write(_format_row(t, recorder.row(t)))
-			obs, reward, done, _ = env.step(action)
-			rewards.append(float(reward))
-			actions.append(action)
-			t += 1
-			bar.update(1)
+	series, rewards, actions, observations, lengths, episode_tasks = [], [], [], [], [], []
+	limits = [cfg.episode_length if task is None else cfg.episode_lengths[task] for task in tasks]
+	limits = [min(args.num_steps or n, n) for n in limits]
+	bar = tqdm(total=args.episodes * sum(limits), desc="play", unit="step")
+	for k, (task, steps) in enumerate(zip(tasks, limits)):
+		task_index = None if task is None else torch.tensor([task], device=device)
+		label = None if task is None else cfg.tasks[task]
+		for _ in range(args.episodes):
+			recorder = GateRecorder(blocks, steps, device)
+			obs, done, t = env.reset() if task is None else env.reset(task), False, 0
 			if video is not None:
 				video.add(env)
-		series.append(recorder.finish(t))
-		lengths.append(t)
-		bar.total -= steps - t
+			while not done and t < steps:
+				observations.append(obs)
+				recorder.before_act()
+				action = agent.act(obs, t0=t == 0, eval_mode=True, task=task)
+				recorder.after_act(t)
+				recorder.probe(t, agent.model, obs.to(device).unsqueeze(0), action.to(device).unsqueeze(0), task_index)
+				if args.show_weights:
+					tqdm.write(_format_row(t, recorder.row(t), label))
+				obs, reward, done, _ = env.step(action)
+				rewards.append(float(reward))
+				actions.append(action)
+				t += 1
+				bar.update(1)
+				if video is not None:
+					video.add(env)
+			series.append(recorder.finish(t))
+			lengths.append(t)
+			episode_tasks.append(k)
+			bar.total -= steps - t
 	bar.close()
 	per_head = {h: {k: np.concatenate([s[h][k] for s in series]) for k in series[0][h]} for h in blocks}
 	bounds = np.cumsum([0] + lengths)
@@ -262,6 +198,9 @@ def run(args, cfg, env, agent, out_dir):
 		"actions": torch.stack(actions).numpy(),
 		"observations": torch.stack(observations).numpy(),
 	}
+	if tasks[0] is not None:
+		results["tasks"] = np.array([cfg.tasks[task] for task in tasks])
+		results["episode_tasks"] = np.asarray(episode_tasks, dtype=np.int64)
 	note = None
 	if video is not None:
 		written = video.close()
@@ -274,10 +213,13 @@ def parse_args(argv):
 	parser = argparse.ArgumentParser(
 		prog="tdmpc2-moe play",
 		description="Run a MoE TD-MPC2 checkpoint and record how each head's gate weighs the experts.",
-		epilog="Outputs in --out: weight_stats.npz, results.npz, summary.md, gates_<head>.png, video.mp4.")
+		epilog="Outputs in --out: weight_stats.npz, results.npz, summary.md, gates_<head>.png, video.mp4; "
+			   "multitask checkpoints (task=mt30 or mt80) add the per-task table and tasks_experts.png.")
 	parser.add_argument("--tdmpc2", default=None, help="TD-MPC2 checkout (default: $TDMPC2_ROOT)")
 	parser.add_argument("--checkpoint", required=True, help="checkpoint saved by a patched agent")
-	parser.add_argument("--episodes", type=int, default=1, help="evaluation episodes (default 1)")
+	parser.add_argument("--episodes", type=int, default=1, help="evaluation episodes (per task when multitask; default 1)")
+	parser.add_argument("--tasks", default=None, metavar="T1,T2,...",
+						help="multitask checkpoints: tasks to play, names or indices into the task set (default: all)")
 	parser.add_argument("--num-steps", type=int, default=None, help="cap on steps per episode (default: the episode length)")
 	parser.add_argument("--seed", type=int, default=None, help="seed (default: the cfg's seed)")
 	parser.add_argument("--show-weights", action="store_true", help="print every step's gate weights")
@@ -299,7 +241,7 @@ def parse_args(argv):
 def play(args):
 	"""Runs `tdmpc2-moe play` for parsed `args`; returns the list of written files. Raises PlayError for bad input."""
 	try:
-		out_dir = analysis.check_out_dir(args.out)
+		out_dir = gate_stats.check_out_dir(args.out)
 	except ValueError as exc:
 		raise PlayError(str(exc)) from None
 	state, moe_overrides = load_checkpoint(args.checkpoint)
@@ -312,12 +254,16 @@ def play(args):
 	if args.seed is not None:
 		overrides.append(f"seed={args.seed}")
 	overrides += args.overrides
-	from .patching import is_patched, patch, unpatch
+	from ..patching import is_patched, patch, unpatch
 	patched_here = not is_patched()
 	if patched_here:
 		patch()
 	try:
-		cfg, env, agent = build(args, overrides)
+		cfg, env, agent, tasks = build(args, overrides)
+		embeddings = state.get("model", state).get("_task_emb.weight")
+		if embeddings is not None and not cfg.multitask:
+			raise PlayError(f"--checkpoint {args.checkpoint!r} is a multitask checkpoint ({embeddings.shape[0]} task "
+							f"embeddings); play it with task=mt30 or task=mt80")
 		if "moe" not in state:
 			state = dict(state, moe=agent.model.moe_settings.checkpoint_dict())
 		try:
@@ -325,19 +271,24 @@ def play(args):
 		except (ValueError, RuntimeError) as exc:
 			raise PlayError(f"--checkpoint {args.checkpoint!r} does not fit the agent built from the cfg "
 							f"(task={cfg.task}, model_size={cfg.get('model_size')}): {_first_line(exc)}") from None
-		per_head, results, video_note = run(args, cfg, env, agent, out_dir)
+		per_head, results, video_note = run(args, cfg, env, agent, out_dir, tasks)
 	finally:
 		if patched_here:
 			unpatch()
-	written = [analysis.save_weight_stats(os.path.join(out_dir, "weight_stats.npz"), per_head, results["episode_lengths"])]
+	played = (results["tasks"].tolist(), results["episode_tasks"]) if "tasks" in results else None
+	written = [gate_stats.save_weight_stats(os.path.join(out_dir, "weight_stats.npz"), per_head, results["episode_lengths"],
+											tasks=played)]
 	results_path = os.path.join(out_dir, "results.npz")
 	with open(results_path, "wb") as f:
 		np.savez_compressed(f, **results)
 	written.append(results_path)
-	rewards = ", ".join(f"{r:.1f}" for r in results["episode_rewards"])
-	print(f"task {cfg.task}: {len(results['episode_lengths'])} episode(s), {int(results['episode_lengths'].sum())} steps, "
-		  f"episode rewards [{rewards}]")
-	written += analysis.write_report(out_dir, per_head, results["episode_lengths"])
+	episodes = [(cfg.task, np.ones(len(results["episode_lengths"]), dtype=bool))] if played is None else \
+		[(name, results["episode_tasks"] == k) for k, name in enumerate(played[0])]
+	for name, mine in episodes:
+		rewards = ", ".join(f"{r:.1f}" for r in results["episode_rewards"][mine])
+		print(f"task {name}: {int(mine.sum())} episode(s), {int(results['episode_lengths'][mine].sum())} steps, "
+			  f"episode rewards [{rewards}]")
+	written += gate_plots.write_report(out_dir, per_head, results["episode_lengths"], tasks=played)
 	if video_note is not None:
 		print(video_note)
 		if video_note.startswith("video: "):

@@ -1,1 +1,0 @@
-"""Baselines the benchmarks compare against (not part of the installed package)."""

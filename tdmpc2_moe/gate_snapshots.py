@@ -1,0 +1,172 @@
+"""
+Routing over training: every `gate_snapshot_interval` updates a patched agent copies each MoE head's
+gate ring to the host once and writes it, with its statistics, to `work_dir/gates/step_<update>.npz`
+plus a PNG (weights heatmap and routing entropy over the snapshot, as the fork's plot_expert_gating
+drew them). `tdmpc2-moe analyze DIR` reads those files back and plots usage share per expert and
+entropy against the update step, per head.
+
+The host copy happens in the update that reaches the interval (the ring is overwritten after it);
+compressing the file and drawing the PNG run on one background thread, off the update's path.
+
+`step_<update>.npz` layout:
+  step                 []       updates done when the snapshot was taken
+  heads                [H] str  the MoE heads
+  {head}/weights       [R, E]   the latest R (at most SNAPSHOT_ROWS) routing vectors of the ring, oldest first
+  {head}/usage         [E]      share of routing slots per expert, over the whole ring
+  {head}/mean_weight   [E]      mean routing weight per expert, over the whole ring
+  {head}/entropy       []       mean routing entropy (nats), over the whole ring
+  {head}/rows          []       rows in the ring
+  {head}/temperature   []       the gate's temperature (the adapted one when it adapts)
+"""
+import concurrent.futures
+import os
+import re
+
+import numpy as np
+
+from .gate_stats import row_entropy
+
+SNAPSHOT_ROWS = 2048
+_FILE = re.compile(r"^step_(\d+)\.npz$")
+
+
+def ring_statistics(weights):
+	"""Returns {usage, mean_weight, entropy, rows} of routing vectors `weights` [R, E] (numpy; zeros for R = 0)."""
+	w = np.asarray(weights, dtype=np.float64)
+	rows, e = w.shape
+	slots = (w > 0).sum(0).astype(np.float64)
+	return {"usage": slots / max(slots.sum(), 1.0), "mean_weight": w.sum(0) / max(rows, 1),
+			"entropy": np.float64(row_entropy(w).mean() if rows else 0.0), "rows": np.int64(rows)}
+
+
+def snapshot_arrays(blocks, step):
+	"""Returns the npz arrays of one snapshot of `blocks` ({head: MoEBlock with a history}) at update `step`."""
+	arrays = {"step": np.int64(step), "heads": np.array(list(blocks))}
+	for head, block in blocks.items():
+		weights = block.history.snapshot().numpy()
+		for key, value in ring_statistics(weights).items():
+			arrays[f"{head}/{key}"] = value
+		arrays[f"{head}/weights"] = weights[-SNAPSHOT_ROWS:].astype(np.float32)
+		arrays[f"{head}/temperature"] = np.float64(block.stats()["temperature"].item())
+	return arrays
+
+
+def _write(path, arrays):
+	with open(path, "wb") as f:
+		np.savez_compressed(f, **arrays)
+	plot_snapshot(path[:-len(".npz")] + ".png", arrays)
+	return path
+
+
+def plot_snapshot(path, arrays):
+	"""Draws one snapshot: per head, the weights as a heatmap (experts x rows) and the routing entropy per row."""
+	from matplotlib.figure import Figure  # no pyplot: no global state, safe off the main thread
+
+	heads = [str(h) for h in arrays["heads"]]
+	fig = Figure(figsize=(12, 3.2 * len(heads)), layout="constrained")
+	axes = fig.subplots(len(heads), 2, squeeze=False, width_ratios=[3, 1])
+	fig.suptitle(f"gate weights at update {int(arrays['step'])} (latest {SNAPSHOT_ROWS} rows of each ring)")
+	for (heat, ent), head in zip(axes, heads):
+		w = arrays[f"{head}/weights"]
+		image = heat.imshow(w.T, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+		heat.set(title=f"{head}: weights (experts x rows)", xlabel="row (oldest -> newest)", ylabel="expert",
+				 yticks=np.arange(w.shape[1]))
+		fig.colorbar(image, ax=heat, fraction=0.03)
+		ent.plot(row_entropy(w), linewidth=0.5)
+		ent.set(title=f"entropy (mean {float(arrays[f'{head}/entropy']):.3f} nats)", xlabel="row", ylabel="nats")
+	fig.savefig(path, dpi=80)
+	return path
+
+
+class GateSnapshots:
+	"""
+	Takes a snapshot of a model's MoE heads every `interval` updates into `directory`; `step(blocks)`
+	is called once per update. Writing runs on one background thread; `wait()` blocks until every
+	file is written (and re-raises a failed write).
+	"""
+
+	def __init__(self, interval, directory):
+		self.interval, self.directory = interval, str(directory)
+		self.updates = 0
+		self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gate-snapshots")
+		self._pending = []
+
+	def step(self, blocks):
+		"""Counts one update; at every `interval`-th, copies the rings of `blocks` to the host and queues the files."""
+		self.updates += 1
+		if self.updates % self.interval or not blocks:
+			return
+		os.makedirs(self.directory, exist_ok=True)
+		arrays = snapshot_arrays(blocks, self.updates)
+		path = os.path.join(self.directory, f"step_{self.updates}.npz")
+		for finished in [f for f in self._pending if f.done()]:
+			finished.result()  # re-raises a failed write here rather than never
+		self._pending = [f for f in self._pending if not f.done()]
+		self._pending.append(self._pool.submit(_write, path, arrays))
+
+	def wait(self):
+		"""Blocks until the queued writes finish; returns their paths (re-raises a failed write)."""
+		done, self._pending = self._pending, []
+		return [f.result() for f in done]
+
+
+def load_snapshots(directory):
+	"""
+	Returns [(step, {head: {key: array}})] of the `step_*.npz` files in `directory` (or its `gates/`),
+	sorted by step. Raises ValueError when there are none.
+	"""
+	if os.path.isdir(os.path.join(directory, "gates")):
+		directory = os.path.join(directory, "gates")
+	names = sorted((int(m.group(1)), n) for n in os.listdir(directory) if (m := _FILE.match(n)))
+	if not names:
+		raise ValueError(f"{directory!r} has no step_<update>.npz gate snapshots (train with gate_snapshot_interval=N)")
+	out = []
+	for step, name in names:
+		with np.load(os.path.join(directory, name), allow_pickle=False) as data:
+			files = {k: data[k] for k in data.files}
+		heads = {str(h): {k.split("/", 1)[1]: v for k, v in files.items() if k.startswith(f"{h}/")}
+				 for h in files["heads"]}
+		out.append((step, heads))
+	return out
+
+
+def training_table(snapshots):
+	"""Returns a markdown table: per snapshot and head, the entropy, the largest usage share and each expert's usage."""
+	lines = ["| update | head | entropy (nats) | max usage | usage per expert | temperature |", "|---|---|---|---|---|---|"]
+	for step, heads in snapshots:
+		for head, a in heads.items():
+			usage = " ".join(f"{u:.2f}" for u in a["usage"])
+			lines.append(f"| {step} | {head} | {float(a['entropy']):.3f} | {float(np.max(a['usage'])):.2f} | {usage} "
+						 f"| {float(a['temperature']):.3f} |")
+	return "\n".join(lines)
+
+
+def plot_training(path, snapshots):
+	"""Draws, per head, usage share per expert (stacked areas) and mean routing entropy against the update step."""
+	from matplotlib.figure import Figure
+
+	steps = np.array([s for s, _ in snapshots])
+	heads = list(snapshots[-1][1])
+	fig = Figure(figsize=(11, 3.2 * len(heads)), layout="constrained")
+	axes = fig.subplots(len(heads), 2, squeeze=False)
+	fig.suptitle("routing over training (gate snapshots)")
+	for (area, ent), head in zip(axes, heads):
+		usage = np.stack([h[head]["usage"] for _, h in snapshots if head in h], axis=1)
+		area.stackplot(steps, usage, labels=[f"expert {i}" for i in range(usage.shape[0])])
+		area.set(title=f"{head}: usage share per expert", xlabel="update", ylabel="share", ylim=(0, 1))
+		area.legend(fontsize="small", loc="upper left", ncols=min(usage.shape[0], 4))
+		ent.plot(steps, [float(h[head]["entropy"]) for _, h in snapshots if head in h], marker="o")
+		ent.set(title=f"{head}: mean routing entropy", xlabel="update", ylabel="nats")
+	fig.savefig(path, dpi=90)
+	return path
+
+
+def write_training_report(directory, out_dir):
+	"""Prints the training table and writes it and `routing_over_training.png` to `out_dir`; returns the written paths."""
+	snapshots = load_snapshots(directory)
+	table = training_table(snapshots)
+	print(table)
+	summary = os.path.join(out_dir, "routing_over_training.md")
+	with open(summary, "w") as f:
+		f.write(table + "\n")
+	return [summary, plot_training(os.path.join(out_dir, "routing_over_training.png"), snapshots)]
