@@ -152,6 +152,8 @@ if _HAVE_C:
 	torch.library.register_fake("tdmpc2_moe::topk_gate", _gate_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_record", _record_fake)
 	torch.library.register_fake("tdmpc2_moe::topk_gate_backward", _backward_fake)
+
+
 # --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
 # Kept apart from the gating code above. Plain PyTorch for now (no compiled kernel):
 # benchmarks/test_orthonormalize.py measures it against torch.compile of the same code and against the
