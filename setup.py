@@ -29,19 +29,6 @@ class BuildPyWithSources(build_py):
 		shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "tdmpc2_moe" / "_csrc", dirs_exist_ok=True)
 
 
-<<<<<<< HEAD
-def extensions():
-	cuda = use_cuda()
-	sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-	# -fno-trapping-math lets gcc if-convert and vectorise the branch-free exp of gate_row.h.
-	# -fno-wrapv undoes Python's -fwrapv: with wrapping int indices gcc cannot vectorise the lane loops.
-	cxx = ["-O3", "-fno-trapping-math", "-fno-wrapv"]
-	args = {"cxx": cxx}
-	if cuda:
-		sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-		cxx.append("-DTDMPC2_MOE_WITH_CUDA=1")
-		args["nvcc"] = ["-O3", "-DTDMPC2_MOE_WITH_CUDA=1"]
-=======
 def build_options():
 	"""Returns the `ext_modules` and `cmdclass` entries of setup(): `_C` when torch is importable, none otherwise."""
 	cmdclass = {"build_py": BuildPyWithSources}
@@ -56,7 +43,6 @@ def build_options():
 	sources = [str(p.relative_to(ROOT)) for p in extension.source_files(ROOT / "csrc", cuda)]
 	cxx, nvcc = extension.compile_args(cuda)
 	args = {"cxx": cxx, "nvcc": nvcc} if cuda else {"cxx": cxx}
->>>>>>> main
 	ext = CUDAExtension if cuda else CppExtension
 	cmdclass["build_ext"] = BuildExtension
 	return [ext("tdmpc2_moe._C", sources, extra_compile_args=args)], cmdclass
