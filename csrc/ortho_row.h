@@ -22,7 +22,9 @@
 #define ORTHO_UNROLL _Pragma("unroll")
 #else
 #define ORTHO_HD inline __attribute__((always_inline))
-#define ORTHO_UNROLL _Pragma("GCC unroll 16")
+// The loops over a group's lanes stay loops that the vectoriser widens. ivdep holds: lane l touches
+// element d0 + l of each vector only, and the vectors of a row never overlap.
+#define ORTHO_UNROLL _Pragma("GCC ivdep")
 #endif
 
 namespace tdmpc2_moe {
@@ -44,10 +46,12 @@ ORTHO_UNROLL
 	for (int d = full + team.rank(); d < D; d += team.size()) f(d);
 }
 
-// Dot product of a and b over [0, D), summed in a fixed order (per-lane partial sums, then the lanes,
-// then the team): the same inputs give the same bits on every call.
-template <typename Team, typename T>
-ORTHO_HD T ortho_dot(const Team& team, const T* a, const T* b, int D) {
+// ortho_each that also sums what f(d) returns, in a fixed order (per-lane partial sums, then the lanes,
+// then the team): the same inputs give the same bits on every call. The loops below use it to update a
+// vector and take the dot product the next step needs in the same pass over the row.
+template <typename Team, typename F>
+ORTHO_HD auto ortho_each_sum(const Team& team, int D, F f) -> decltype(f(0)) {
+	using T = decltype(f(0));
 	constexpr int L = Team::kLanes;
 	T acc[L];
 ORTHO_UNROLL
@@ -55,9 +59,9 @@ ORTHO_UNROLL
 	const int full = D - D % L;
 	for (int d0 = team.rank() * L; d0 < full; d0 += team.size() * L)
 ORTHO_UNROLL
-		for (int l = 0; l < L; ++l) acc[l] += a[d0 + l] * b[d0 + l];
+		for (int l = 0; l < L; ++l) acc[l] += f(d0 + l);
 	T s = T(0);
-	for (int d = full + team.rank(); d < D; d += team.size()) s += a[d] * b[d];
+	for (int d = full + team.rank(); d < D; d += team.size()) s += f(d);
 ORTHO_UNROLL
 	for (int l = 0; l < L; ++l) s += acc[l];
 	return team.sum(s);
@@ -79,17 +83,26 @@ ORTHO_HD void ortho_forward_row(const Team& team, const T* x, T* q, int64_t stri
 	for (int i = 0; i < E; ++i) {
 		T* r = q + i * stride;
 		const T* xi = x + i * stride;
-		ortho_each(team, D, [&](int d) { r[d] = xi[d]; });
-		for (int pass = 0; pass < (i > 0 ? 2 : 0); ++pass)
-			for (int j = 0; j < i; ++j) {
-				const T* qj = q + j * stride;
-				const T c = ortho_dot(team, r, qj, D);
-				if (coef && team.leader()) coef[(i * 2 + pass) * E + j] = c;
-				ortho_each(team, D, [&](int d) { r[d] -= c * qj[d]; });
-			}
-		const T s = ortho_dot(team, r, r, D);
-		const bool clamped = s < eps2;
-		const T inv = ortho_rsqrt(clamped ? eps2 : s);
+		// Step k (of 2i) projects on q_{k % i} in pass k / i; each pass over the row applies one step and
+		// takes the next one's coefficient (after the last step: |r|^2).
+		const int steps = 2 * i;
+		const T* next = steps ? q : r;
+		T c = ortho_each_sum(team, D, [&](int d) {
+			r[d] = xi[d];
+			return r[d] * next[d];
+		});
+		for (int k = 0; k < steps; ++k) {
+			const T* qj = q + (k % i) * stride;
+			if (coef && team.leader()) coef[(i * 2 + k / i) * E + k % i] = c;
+			next = k + 1 < steps ? q + ((k + 1) % i) * stride : r;
+			const T ck = c;
+			c = ortho_each_sum(team, D, [&](int d) {
+				r[d] -= ck * qj[d];
+				return r[d] * next[d];
+			});
+		}
+		const bool clamped = c < eps2;
+		const T inv = ortho_rsqrt(clamped ? eps2 : c);
 		if (coef && team.leader()) {
 			coef[2 * E * E + i] = inv;
 			coef[2 * E * E + E + i] = clamped ? T(1) : T(0);
@@ -120,26 +133,43 @@ ORTHO_HD void ortho_backward_row(const Team& team, const T* g, const T* x, T* gx
 		T* gr = gq + i * gq_stride;  // g_q_i now; the residual's gradient below
 		const T inv = coef[2 * E * E + i];
 		const bool clamped = coef[2 * E * E + E + i] != T(0);
-		const T qg = clamped ? T(0) : ortho_dot(team, r, gr, D);
 		const T norm = T(1) / inv;  // max(|r_i|, eps): r = q norm rebuilds the residual
-		ortho_each(team, D, [&](int d) {
+		const T qg = clamped ? T(0) : ortho_each_sum(team, D, [&](int d) { return r[d] * gr[d]; });
+		const int steps = 2 * i;
+		if (steps == 0) {
+			ortho_each(team, D, [&](int d) { r[d] = inv * (gr[d] - qg * r[d]); });
+			continue;
+		}
+		// Steps in reverse (k = steps - 1 .. 0, on q_{k % i}); each pass applies one and takes the next
+		// one's <q_j, g_r>; the last writes grad_x_i over the rebuilt residual.
+		const T* next = gx + ((steps - 1) % i) * stride;
+		T a = ortho_each_sum(team, D, [&](int d) {
 			gr[d] = inv * (gr[d] - qg * r[d]);
 			r[d] *= norm;
+			return gr[d] * next[d];
 		});
-		for (int pass = (i > 0 ? 1 : -1); pass >= 0; --pass)
-			for (int j = i - 1; j >= 0; --j) {
-				const T* qj = gx + j * stride;
-				T* gqj = gq + j * gq_stride;
-				const T c = coef[(i * 2 + pass) * E + j];
-				const T a = ortho_dot(team, qj, gr, D);
+		for (int k = steps - 1; k >= 0; --k) {
+			const T* qj = gx + (k % i) * stride;
+			T* gqj = gq + (k % i) * gq_stride;
+			const T c = coef[(i * 2 + k / i) * E + k % i];
+			const T ak = a;
+			if (k > 0) {
+				next = gx + ((k - 1) % i) * stride;
+				a = ortho_each_sum(team, D, [&](int d) {
+					const T rk = r[d] + c * qj[d];
+					gqj[d] -= c * gr[d] + ak * rk;
+					gr[d] -= ak * qj[d];
+					r[d] = rk;
+					return gr[d] * next[d];
+				});
+			} else {
 				ortho_each(team, D, [&](int d) {
 					const T rk = r[d] + c * qj[d];
-					gqj[d] -= c * gr[d] + a * rk;
-					gr[d] -= a * qj[d];
-					r[d] = rk;
+					gqj[d] -= c * gr[d] + ak * rk;
+					r[d] = gr[d] - ak * qj[d];
 				});
 			}
-		ortho_each(team, D, [&](int d) { r[d] = gr[d]; });
+		}
 	}
 }
 

@@ -22,7 +22,7 @@ namespace {
 // vectorise it without reassociating floating-point additions.
 template <typename T>
 struct CpuTeam {
-	static constexpr int kLanes = 64 / sizeof(T);
+	static constexpr int kLanes = 128 / sizeof(T);
 	int rank() const { return 0; }
 	int size() const { return 1; }
 	T sum(T partial) const { return partial; }

@@ -7,6 +7,7 @@
 namespace tdmpc2_moe {
 namespace {
 
+// Threads per block at most (threads_for); no __launch_bounds__: with it ptxas spilled the float64 backward.
 constexpr int kMaxThreads = 256;
 constexpr int kWarps = kMaxThreads / 32;
 
@@ -30,7 +31,7 @@ struct BlockTeam {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) ortho_forward_kernel(const T* x, T* q, int64_t n, int e, int d, T eps2) {
+__global__ void ortho_forward_kernel(const T* x, T* q, int64_t n, int e, int d, T eps2) {
 	__shared__ T partials[kWarps];
 	const BlockTeam<T> team{partials};
 	for (int64_t row = blockIdx.x; row < n; row += gridDim.x)
@@ -38,8 +39,7 @@ __global__ void __launch_bounds__(kMaxThreads) ortho_forward_kernel(const T* x, 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) ortho_backward_kernel(const T* g, const T* x, T* gx, T* gq, int64_t n,
-		int e, int d, T eps2) {
+__global__ void ortho_backward_kernel(const T* g, const T* x, T* gx, T* gq, int64_t n, int e, int d, T eps2) {
 	__shared__ T partials[kWarps];
 	extern __shared__ unsigned char coef_bytes[];  // ortho_coef_size(e) values
 	T* coef = reinterpret_cast<T*>(coef_bytes);
