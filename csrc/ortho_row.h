@@ -71,8 +71,8 @@ ORTHO_UNROLL
 // sweep: c[(i * 2 + pass) * E + j] = <r, q_j> of vector i's projection step on q_j in that pass, and
 // inv[i] = 1 / sqrt(max(|r_i|^2, eps^2)), clamped[i] = whether the floor was taken (|r_i|^2 < eps^2).
 // Sized by ortho_coef_size(E).
-ORTHO_HD int ortho_coef_size(int E) {
-	return 2 * E * E + 2 * E;
+ORTHO_HD int64_t ortho_coef_size(int E) {
+	return 2 * int64_t(E) * E + 2 * int64_t(E);
 }
 
 // Forward of one row: q_i = r_i / max(|r_i|, eps), r_i = x_i minus its projections on q_0..q_{i-1},
@@ -93,7 +93,7 @@ ORTHO_HD void ortho_forward_row(const Team& team, const T* x, T* q, int64_t stri
 		});
 		for (int k = 0; k < steps; ++k) {
 			const T* qj = q + (k % i) * stride;
-			if (coef && team.leader()) coef[(i * 2 + k / i) * E + k % i] = c;
+			if (coef && team.leader()) coef[(int64_t(i) * 2 + k / i) * E + k % i] = c;
 			next = k + 1 < steps ? q + ((k + 1) % i) * stride : r;
 			const T ck = c;
 			c = ortho_each_sum(team, D, [&](int d) {
@@ -104,8 +104,8 @@ ORTHO_HD void ortho_forward_row(const Team& team, const T* x, T* q, int64_t stri
 		const bool clamped = c < eps2;
 		const T inv = ortho_rsqrt(clamped ? eps2 : c);
 		if (coef && team.leader()) {
-			coef[2 * E * E + i] = inv;
-			coef[2 * E * E + E + i] = clamped ? T(1) : T(0);
+			coef[2 * int64_t(E) * E + i] = inv;
+			coef[2 * int64_t(E) * E + E + i] = clamped ? T(1) : T(0);
 		}
 		ortho_each(team, D, [&](int d) { r[d] *= inv; });
 	}
@@ -131,8 +131,8 @@ ORTHO_HD void ortho_backward_row(const Team& team, const T* g, const T* x, T* gx
 	for (int i = E - 1; i >= 0; --i) {
 		T* r = gx + i * stride;  // q_i now; the residual below; grad_x_i at the end
 		T* gr = gq + i * gq_stride;  // g_q_i now; the residual's gradient below
-		const T inv = coef[2 * E * E + i];
-		const bool clamped = coef[2 * E * E + E + i] != T(0);
+		const T inv = coef[2 * int64_t(E) * E + i];
+		const bool clamped = coef[2 * int64_t(E) * E + E + i] != T(0);
 		const T norm = T(1) / inv;  // max(|r_i|, eps): r = q norm rebuilds the residual
 		const T qg = clamped ? T(0) : ortho_each_sum(team, D, [&](int d) { return r[d] * gr[d]; });
 		const int steps = 2 * i;
@@ -151,7 +151,7 @@ ORTHO_HD void ortho_backward_row(const Team& team, const T* g, const T* x, T* gx
 		for (int k = steps - 1; k >= 0; --k) {
 			const T* qj = gx + (k % i) * stride;
 			T* gqj = gq + (k % i) * gq_stride;
-			const T c = coef[(i * 2 + k / i) * E + k % i];
+			const T c = coef[(int64_t(i) * 2 + k / i) * E + k % i];
 			const T ak = a;
 			if (k > 0) {
 				next = gx + ((k - 1) % i) * stride;

@@ -178,3 +178,35 @@ def test_compiles_fullgraph(compile_backend):
 	(g,) = torch.autograd.grad(compiled(x), x)
 	(eg,) = torch.autograd.grad(loss(x), x)
 	torch.testing.assert_close(g, eg)
+
+
+def test_results_do_not_depend_on_the_number_of_threads():
+	torch.manual_seed(0)
+	x = torch.randn(8, 300, 64, requires_grad=True)
+	w = torch.randn_like(x)
+	threads = torch.get_num_threads()
+	try:
+		results = []
+		for n in (1, 2):
+			torch.set_num_threads(n)
+			results.append(values_and_grad(orthonormalize, x, w))
+	finally:
+		torch.set_num_threads(threads)
+	assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.skipif(backend() != "cuda", reason="needs the CUDA kernels and a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("e,n,d", [(1, 3, 1), (2, 0, 5), (4, 7, 17), (8, 300, 64), (8, 1000, 512), (3, 5, 300)])
+def test_cuda_kernels_match_the_cpu_kernels(e, n, d, dtype):
+	torch.manual_seed(0)
+	x = torch.randn(e, n, d, dtype=dtype)
+	if n > 2:
+		x[min(1, e - 1), 2] = 0   # a zero vector (clamped)
+	w = torch.randn_like(x)
+	q, g = values_and_grad(orthonormalize, x, w)
+	cq, cg = values_and_grad(orthonormalize, x.cuda(), w.cuda())
+	tol = 1e-9 if dtype == torch.float64 else 1e-5
+	torch.testing.assert_close(cq.cpu(), q, rtol=tol, atol=tol)
+	torch.testing.assert_close(cg.cpu(), g, rtol=100 * tol, atol=100 * tol)
+	torch.library.opcheck(torch.ops.tdmpc2_moe.orthonormalize.default, (x.cuda().requires_grad_(True), 1e-4))

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../ortho_checks.h"
+#include "../ortho_row.h"
 #include "ortho_launch.h"
 
 namespace tdmpc2_moe {
@@ -42,8 +43,16 @@ at::Tensor orthonormalize_cuda(const at::Tensor& features, double eps) {
 	return run_cuda(features, nullptr, eps);
 }
 
+// The backward kernel keeps a row's 2 E^2 + 2 E coefficients in shared memory (48 KiB without opt-in).
+constexpr size_t kCoefBytes = 48 * 1024;
+
 at::Tensor orthonormalize_backward_cuda(const at::Tensor& grad, const at::Tensor& features, double eps) {
 	check_ortho_backward_args(grad, features, eps);
+	const size_t elem = ortho_compute_dtype(features) == at::kDouble ? sizeof(double) : sizeof(float);
+	const int e = static_cast<int>(features.size(0));
+	TORCH_CHECK_VALUE(static_cast<size_t>(ortho_coef_size(e)) * elem <= kCoefBytes, "features: n_experts E=", e,
+			" is more than the CUDA backward supports (its coefficients must fit in ", kCoefBytes,
+			" bytes of shared memory: E <= 77 in float32, 54 in float64)");
 	return run_cuda(features, &grad, eps);
 }
 
