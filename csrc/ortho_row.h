@@ -3,11 +3,11 @@
 // A row is E vectors of width D, `stride` elements apart (features are [E, N, D], expert-major).
 //
 // The functions are written for a team of threads that shares one row: every loop over the D
-// elements gives each element to the same team member every time (element d to member
-// (d / Team::kLanes) % size), so a member only ever reads elements it wrote itself, and the only
-// point where members meet is Team::sum (a reduction whose result every member gets). The CPU runs
-// them with a one-member team (cpu/orthonormalize.cpp: kLanes partial sums that the compiler
-// vectorises), CUDA with a block (cuda/orthonormalize.cu: kLanes = 1, a block-wide reduction).
+// elements splits them among the members in the same way (ortho_each), so a member only ever reads
+// elements it wrote itself, and members meet only in Team::sum (a reduction whose result every member
+// gets) and Team::sync. The CPU runs them with a one-member team (cpu/orthonormalize.cpp: kLanes
+// partial sums that the compiler vectorises), CUDA with a block (cuda/ortho_kernels.cu: kLanes = 1,
+// a block-wide reduction); CPU tests thus run every line here, CUDA adds only its team.
 //
 // Team interface: `static constexpr int kLanes`; `int rank() const`, `int size() const`;
 // `T sum(T partial) const` (sum over the team's members, returned to every member); `bool leader() const`
