@@ -30,4 +30,8 @@ TORCH_LIBRARY(tdmpc2_moe, m) {
 	// Gradients of outputs the loss does not use may be None (no zero tensors are made for them).
 	m.def("topk_gate_backward(Tensor? grad_weights, Tensor? grad_prob_mean, Tensor? grad_lse, Tensor logits, "
 		  "Tensor indices, float temperature, bool renormalize) -> Tensor");
+	// Orthonormalisation of expert features [E, N, D] per row (ortho_row.h); the backward recomputes the
+	// forward from the features rather than keeping intermediates.
+	m.def("orthonormalize(Tensor features, float eps) -> Tensor");
+	m.def("orthonormalize_backward(Tensor grad, Tensor features, float eps) -> Tensor");
 }

@@ -3,7 +3,7 @@
 # or on any register spill (nonzero "spill stores" / "spill loads" in ptxas's report). Also fails when
 # a .cu (or a header it includes from csrc/) includes an ATen / c10 / torch header: the kernels take raw
 # pointers and a cudaStream_t, so they build with plain nvcc and against a torch wheel that lacks
-# CUDA headers. When $PYTHON (default python3) imports torch, csrc/cuda/binding.cpp is also
+# CUDA headers. When $PYTHON (default python3) imports torch, each csrc/cuda/*.cpp is also
 # syntax-checked against that torch's headers (CPU wheels lack one generated c10/cuda header, which
 # is then stubbed).
 # Usage: scripts/check_nvcc.sh   (needs nvcc on PATH)
@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
-if grep -nE '#include *[<"](ATen|c10|torch)/' csrc/cuda/*.cu csrc/cuda/launch.h csrc/gate_row.h; then
+if grep -nE '#include *[<"](ATen|c10|torch)/' csrc/cuda/*.cu csrc/cuda/*.h csrc/*_row.h; then
 	echo "FAIL csrc/cuda/*.cu: includes ATen/c10/torch headers (above)"; status=1
 fi
 for cu in csrc/cuda/*.cu; do
@@ -36,13 +36,15 @@ if inc=$("$PY" -c "import os, torch; print(os.path.join(os.path.dirname(torch.__
 	mkdir -p "$out/stub/c10/cuda/impl"
 	[ -f "$inc/c10/cuda/impl/cuda_cmake_macros.h" ] || echo "#pragma once" >"$out/stub/c10/cuda/impl/cuda_cmake_macros.h"
 	pyinc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-	if g++ -std=c++20 -fsyntax-only -DTDMPC2_MOE_WITH_CUDA=1 -I"$out/stub" -I"$inc" -I"$inc/torch/csrc/api/include" \
-			-I"$cuda_inc" -I"$pyinc" csrc/cuda/binding.cpp >"$out/binding.log" 2>&1; then
-		echo "ok   csrc/cuda/binding.cpp: compiles against torch $("$PY" -c 'import torch; print(torch.__version__)') headers"
-	else
-		echo "FAIL csrc/cuda/binding.cpp"; cat "$out/binding.log"; status=1
-	fi
+	for cpp in csrc/cuda/*.cpp; do
+		if g++ -std=c++20 -fsyntax-only -DTDMPC2_MOE_WITH_CUDA=1 -I"$out/stub" -I"$inc" -I"$inc/torch/csrc/api/include" \
+				-I"$cuda_inc" -I"$pyinc" "$cpp" >"$out/binding.log" 2>&1; then
+			echo "ok   $cpp: compiles against torch $("$PY" -c 'import torch; print(torch.__version__)') headers"
+		else
+			echo "FAIL $cpp"; cat "$out/binding.log"; status=1
+		fi
+	done
 else
-	echo "skip csrc/cuda/binding.cpp: $PY cannot import torch"
+	echo "skip csrc/cuda/*.cpp: $PY cannot import torch"
 fi
 exit $status

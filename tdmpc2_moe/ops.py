@@ -155,10 +155,33 @@ if _HAVE_C:
 
 
 # --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
-# Kept apart from the gating code above. Plain PyTorch for now (no compiled kernel):
-# benchmarks/test_orthonormalize.py measures it against torch.compile of the same code and against the
-# forward + backward of a MoEBlock with the fork's options.
+# Kept apart from the gating code above. A compiled op (csrc/ortho_row.h, its autograd in C++) when the
+# extension is built, the plain-PyTorch reference otherwise; benchmarks/test_orthonormalize.py measures
+# both against torch.compile of the reference and against a MoEBlock update with the fork's options.
 from .reference import ORTHONORMALIZE_EPS, orthonormalize_reference  # noqa: E402
+
+
+def _orthonormalize_fake(features, eps):
+	torch._check_value(features.dim() == 3, lambda: f"features must be 3-D [E, N, D], got {features.dim()}-D")
+	torch._check_value(features.is_floating_point(), lambda: f"features must be floating point, got {features.dtype}")
+	torch._check_value(features.shape[0] <= features.shape[2],
+					   lambda: f"features: n_experts E={features.shape[0]} exceeds the feature width D={features.shape[2]}")
+	return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+
+def _orthonormalize_backward_fake(grad, features, eps):
+	_orthonormalize_fake(features, eps)
+	torch._check_value(grad.device == features.device,
+					   lambda: f"grad must be on the device of features ({features.device}), got {grad.device}")
+	torch._check_value(grad.is_floating_point(), lambda: f"grad must be floating point, got {grad.dtype}")
+	torch._check_value(grad.shape == features.shape, lambda: f"grad must have the shape of features {tuple(features.shape)}")
+	return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+
+if _HAVE_C:
+	_orthonormalize = torch.ops.tdmpc2_moe.orthonormalize.default
+	torch.library.register_fake("tdmpc2_moe::orthonormalize", _orthonormalize_fake)
+	torch.library.register_fake("tdmpc2_moe::orthonormalize_backward", _orthonormalize_backward_fake)
 
 
 def orthonormalize(features, *, eps=ORTHONORMALIZE_EPS):
@@ -169,7 +192,9 @@ def orthonormalize(features, *, eps=ORTHONORMALIZE_EPS):
 	vectors are orthonormal for every row, differentiable. Degenerate vectors (zero, or (near-)parallel
 	to the earlier experts' span: residual norm below `eps`) come out as residual / eps, shorter than 1
 	and orthogonal to the earlier ones (zero for a zero residual), with finite values and gradients;
-	see `orthonormalize_reference`, which this runs.
+	see `orthonormalize_reference`. Runs the compiled op (float64 computed in float64, every other dtype
+	in float32, as the reference does; its backward recomputes the forward from `features`) when the
+	extension is built, the reference otherwise.
 	"""
 	if not isinstance(features, torch.Tensor):
 		raise ValueError(f"features must be a tensor, got {type(features).__name__}")
@@ -182,4 +207,6 @@ def orthonormalize(features, *, eps=ORTHONORMALIZE_EPS):
 		raise ValueError(f"features: n_experts E={e} exceeds the feature width D={d}; at most D vectors "
 						 "of width D can be orthonormal")
 	check_number("eps", eps, positive=True)
+	if _HAVE_C:
+		return _orthonormalize(features, float(eps))
 	return orthonormalize_reference(features, float(eps))

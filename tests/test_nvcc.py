@@ -1,5 +1,5 @@
 """Every csrc/cuda/*.cu compiles with nvcc for sm_80 and sm_90 without register spills and without torch
-headers; csrc/cuda/binding.cpp compiles against the installed torch's headers."""
+headers; every csrc/cuda/*.cpp (the bindings) compiles against the installed torch's headers."""
 import os
 import shutil
 import subprocess
@@ -17,3 +17,5 @@ def test_cuda_sources_compile_without_spills():
 	assert result.returncode == 0, result.stdout + result.stderr
 	assert "no spills" in result.stdout
 	assert "ok   csrc/cuda/binding.cpp" in result.stdout
+	assert "ok   csrc/cuda/ortho_binding.cpp" in result.stdout
+	assert "ok   csrc/cuda/ortho_kernels.cu (sm_90)" in result.stdout
