@@ -15,7 +15,7 @@ it ran: host list, detached KL, `.item()` per training forward). Their planning 
 `test_dispatch`: MoEBlock with dispatch="dense" vs "sparse" (and `padded`, the static-shape sparse
 path that CUDA and torch.compile run, here on the CPU) vs a plain mlp, dynamics head at mlp_dim 384,
 N = 256, 1536, 8192 rows, E = 4, 8, 16, k = 1, 2, training (forward + backward) and planning
-(no_grad forward): the measurements behind `dispatch.choose` ("auto"; see benchmarks/dispatch.md).
+(no_grad forward): the measurements behind `dispatch.choose` ("auto"; see benchmarks/README.md section 5).
 
 Summarise a `--benchmark-json` file as the README tables with
 `python benchmarks/test_moe_block.py RESULTS.json`.

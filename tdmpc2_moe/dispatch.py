@@ -55,7 +55,7 @@ def choose(dispatch, *, static, grad, rows, n_experts, top_k, orthogonal):
 	meaningless with `orthogonal` (each row's E features are orthonormalised together, so every expert
 	runs on every row: MoEBlock refuses dispatch="sparse" with it) and gains nothing when
 	top_k == n_experts (every expert runs on every row either way); "auto" picks dense then, and for
-	an empty batch. Otherwise "auto" follows the CPU measurements in benchmarks/dispatch.md:
+	an empty batch. Otherwise "auto" follows the CPU measurements in benchmarks/README.md section 5:
 	- exact groups: sparse from SPARSE_MIN_ROWS rows when E >= 2k (at 8 rows, E=4 k=2 measured even),
 	  from SPARSE_MIN_ROWS_NARROW rows when k < E < 2k (E=3 k=2 lost at 8 rows, was even at 24);
 	- padded (CUDA, torch.compile): sparse when E >= 2k, from SPARSE_MIN_ROWS rows without grad
@@ -111,7 +111,7 @@ def tile_rows(slots, n_experts):
 	expert, rounded down to a power of two in 8..1024. The padded buffer holds up to
 	slots + E * (T - 1) rows (at most about 1.5x the slots here), and each tile gathers its expert's
 	weights (and its weight gradient is reduced back per tile): a smaller T wastes fewer rows, a
-	larger one gathers fewer weight copies. Measured on the CPU (benchmarks/dispatch.md), this T beat
+	larger one gathers fewer weight copies. Measured on the CPU (benchmarks/README.md section 5), this T beat
 	a quarter of the mean capped at 128 at every shape tried, by up to 1.6x at N=8192, E=4, k=2.
 	"""
 	half = max(slots // (2 * n_experts), 1)
