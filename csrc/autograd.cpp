@@ -1,5 +1,5 @@
-// The one autograd implementation of top-k gating: a C++ torch::autograd::Function registered at the
-// Autograd key of tdmpc2_moe::topk_gate and tdmpc2_moe::topk_gate_record themselves. Eager calls,
+// The one autograd implementation of each op: C++ torch::autograd::Functions registered at the
+// Autograd key of the schemas themselves (tdmpc2_moe::topk_gate, topk_gate_record, orthonormalize). Eager calls,
 // torch.compile (AOTAutograd traces this Function's forward and backward into its joint graph, the
 // forward and backward ops then being opaque nodes with their Python fake kernels) and
 // torch.library.opcheck all go through it. It replaces a Python registration (register_autograd)
@@ -111,12 +111,57 @@ GateOutputs topk_gate_record_autograd(const at::Tensor& logits, int64_t k, doubl
 	return autograd_forward(logits, k, temperature, renormalize, &ring, &cursor);
 }
 
+// orthonormalize: only the features are saved; the backward op recomputes the forward per row
+// (ortho_row.h), which costs less than reading E^2 saved residuals back from memory.
+
+
+using OrthoFn = at::Tensor(const at::Tensor&, double);
+using OrthoBackwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, double);
+
+const c10::TypedOperatorHandle<OrthoFn>& ortho_op() {
+	static const auto op =
+			c10::Dispatcher::singleton().findSchemaOrThrow("tdmpc2_moe::orthonormalize", "").typed<OrthoFn>();
+	return op;
+}
+
+const c10::TypedOperatorHandle<OrthoBackwardFn>& ortho_backward_op() {
+	static const auto op = c10::Dispatcher::singleton()
+			.findSchemaOrThrow("tdmpc2_moe::orthonormalize_backward", "")
+			.typed<OrthoBackwardFn>();
+	return op;
+}
+
+at::Tensor forward_below_autograd(const at::Tensor& features, double eps) {
+	const at::AutoDispatchBelowADInplaceOrView below_autograd;
+	return ortho_op().call(features, eps);
+}
+
+struct OrthonormalizeFunction : torch::autograd::Function<OrthonormalizeFunction> {
+	static at::Tensor forward(AutogradContext* ctx, const at::Tensor& features, double eps) {
+		ctx->save_for_backward({features});
+		ctx->saved_data["eps"] = eps;
+		return forward_below_autograd(features, eps);
+	}
+
+	static variable_list backward(AutogradContext* ctx, variable_list grads) {
+		const variable_list saved = ctx->get_saved_variables();
+		return {ortho_backward_op().call(grads[0], saved[0], ctx->saved_data["eps"].toDouble()), at::Tensor()};
+	}
+};
+
+at::Tensor orthonormalize_autograd(const at::Tensor& features, double eps) {
+	// Without a graph to build no autograd node is made at all.
+	if (!at::GradMode::is_enabled() || !features.requires_grad()) return forward_below_autograd(features, eps);
+	return OrthonormalizeFunction::apply(features, eps);
+}
+
 }  // namespace
 }  // namespace tdmpc2_moe
 
 // One kernel for every device's autograd key; the ops it calls pick the device's kernels. The
-// backward op is not differentiable (no double backward), so it has no autograd kernel here.
+// backward ops are not differentiable (no double backward), so they have no autograd kernel here.
 TORCH_LIBRARY_IMPL(tdmpc2_moe, Autograd, m) {
 	m.impl("topk_gate", &tdmpc2_moe::topk_gate_autograd);
 	m.impl("topk_gate_record", &tdmpc2_moe::topk_gate_record_autograd);
+	m.impl("orthonormalize", &tdmpc2_moe::orthonormalize_autograd);
 }
