@@ -29,7 +29,7 @@ import warnings
 import pytest
 import torch
 
-from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock, plain_mlp
+from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock, SimNorm, plain_mlp
 from tdmpc2_moe.dispatch import choose, group_by_expert, run_padded
 from tdmpc2_moe.moe import MoEBlock
 
@@ -43,14 +43,6 @@ FORK_VARIANTS = ["dense", "fork", "fork_noortho", "leaky_fork"]
 DISPATCH_ROWS = [256, 1536, 8192]
 DISPATCH_EXPERTS = [(e, k) for e in (4, 8, 16) for k in (1, 2)]
 DISPATCH_VARIANTS = ["dense", "sparse", "padded"]
-
-
-class SimNorm(torch.nn.Module):
-	"""Softmax over groups of 8: upstream's SimNorm with simnorm_dim=8, the dynamics head's `act`."""
-
-	def forward(self, x):
-		shp = x.shape
-		return torch.softmax(x.view(*shp[:-1], -1, 8), dim=-1).view(*shp)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -29,6 +29,18 @@ class NormedLinear(nn.Linear):
 		return self.act(self.ln(x))
 
 
+class SimNorm(nn.Module):
+	"""Softmax over groups of `dim` features (8 by default): upstream TD-MPC2's SimNorm, the dynamics head's `act`."""
+
+	def __init__(self, dim=8):
+		super().__init__()
+		self.dim = dim
+
+	def forward(self, x):
+		shape = x.shape
+		return F.softmax(x.view(*shape[:-1], -1, self.dim), dim=-1).view(*shape)
+
+
 def plain_mlp(in_dim, mlp_dims, out_dim, act=None, dropout=0.):
 	"""Returns an nn.Sequential with TD-MPC2's `layers.mlp` structure, initialised like TD-MPC2."""
 	mlp_dims = [mlp_dims] if isinstance(mlp_dims, int) else list(mlp_dims)

@@ -5,23 +5,16 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from tdmpc2_moe.baselines import LeakyForkMoEBlock
+from tdmpc2_moe.baselines import LeakyForkMoEBlock, SimNorm
 from tdmpc2_moe.moe import MoEBlock
 
 E, IN, HIDDEN, OUT = 4, 10, [32, 32], 16
 
 
-class SimNormLike(nn.Module):
-	def forward(self, x):
-		shp = x.shape
-		return F.softmax(x.view(*shp[:-1], -1, 8), dim=-1).view(*shp)
-
-
 def _pair(freeze=0, rate=0.1):
 	torch.manual_seed(0)
-	act = SimNormLike()
+	act = SimNorm()
 	block = MoEBlock(IN, HIDDEN, OUT, act=act, n_experts=E, top_k=E, temperature=1.8, aux_coef=0.03, balance="kl",
 					 shared_head=True, orthogonal=True, target_entropy=0.75 * math.log(E), temperature_rate=rate,
 					 temperature_freeze=freeze, history_rows=None)

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tdmpc2_moe.dispatch import choose, group_by_expert, run_grouped, run_padded, tile_rows
+from tdmpc2_moe.baselines import SimNorm
 from tdmpc2_moe.moe import MoEBlock
 
 pytestmark = pytest.mark.filterwarnings("ignore:tdmpc2_moe._C is not built")
@@ -19,14 +19,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:tdmpc2_moe._C is not built")
 IN, HIDDEN, OUT = 12, [32, 24], 16
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CASES = sorted({(e, k) for e in (1, 2, 4, 8, 16) for k in (1, 2, e) if k <= e})
-
-
-class SimNormLike(nn.Module):
-	"""Softmax over groups of 8, like upstream's SimNorm(simnorm_dim=8)."""
-
-	def forward(self, x):
-		shp = x.shape
-		return F.softmax(x.view(*shp[:-1], -1, 8), dim=-1).view(*shp)
 
 
 def _twins(dtype=torch.float64, spread=True, device="cpu", **kwargs):
@@ -74,12 +66,12 @@ def test_sparse_equals_dense_values_and_gradients(n_experts, top_k, lead, device
 
 
 OPTIONS = {
-	"simnorm_last": dict(act=SimNormLike()),
+	"simnorm_last": dict(act=SimNorm()),
 	"shared_head": dict(shared_head=True),
 	"kl_balance": dict(balance="kl"),
 	"gate_dims": dict(gate_dims=(2, 6)),
 	"adaptive_temperature": dict(target_entropy=0.3, temperature_rate=0.1),
-	"all_fork_but_orthogonal": dict(act=SimNormLike(), shared_head=True, balance="kl", gate_dims=(2, 6),
+	"all_fork_but_orthogonal": dict(act=SimNorm(), shared_head=True, balance="kl", gate_dims=(2, 6),
 									 target_entropy=0.3, temperature_rate=0.1),
 }
 

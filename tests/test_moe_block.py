@@ -8,18 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tdmpc2_moe.baselines import SimNorm
 from tdmpc2_moe.moe import MoEBlock
 from tdmpc2_moe.reference import topk_gate_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:tdmpc2_moe._C is not built")
-
-
-class SimNormLike(nn.Module):
-	"""Softmax over groups of 8, like upstream's SimNorm(simnorm_dim=8)."""
-
-	def forward(self, x):
-		shp = x.shape
-		return F.softmax(x.view(*shp[:-1], -1, 8), dim=-1).view(*shp)
 
 
 def plain_moe(block, x):
@@ -42,7 +35,7 @@ def plain_moe(block, x):
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_expert"])
-@pytest.mark.parametrize("n_experts,top_k,act", [(4, 2, None), (8, 1, None), (4, 4, SimNormLike()), (3, 2, SimNormLike())])
+@pytest.mark.parametrize("n_experts,top_k,act", [(4, 2, None), (8, 1, None), (4, 4, SimNorm()), (3, 2, SimNorm())])
 def test_values_and_gradients_match_plain_moe_in_float64(n_experts, top_k, act, batched):
 	torch.manual_seed(0)
 	block = MoEBlock(12, [32, 24], 16, act=act, n_experts=n_experts, top_k=top_k, temperature=0.7,
@@ -116,7 +109,7 @@ def test_init_matches_tdmpc2():
 
 def test_simnorm_act_keeps_each_group_on_the_simplex():
 	torch.manual_seed(0)
-	block = MoEBlock(10, [32], 24, act=SimNormLike(), n_experts=4, top_k=2)
+	block = MoEBlock(10, [32], 24, act=SimNorm(), n_experts=4, top_k=2)
 	nn.init.normal_(block.gate.weight, std=1.0)
 	out = block(torch.randn(2, 9, 10))
 	torch.testing.assert_close(out.view(2, 9, 3, 8).sum(-1), torch.ones(2, 9, 3))

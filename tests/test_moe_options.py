@@ -14,19 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tdmpc2_moe.baselines import LeakyForkMoEBlock
+from tdmpc2_moe.baselines import LeakyForkMoEBlock, SimNorm
 from tdmpc2_moe.moe import MoEBlock
 from tdmpc2_moe.ops import orthonormalize
 
 IN, HIDDEN, OUT = 12, [32, 24], 16
-
-
-class SimNormLike(nn.Module):
-	"""Softmax over groups of 8, like upstream's SimNorm(simnorm_dim=8)."""
-
-	def forward(self, x):
-		shp = x.shape
-		return F.softmax(x.view(*shp[:-1], -1, 8), dim=-1).view(*shp)
 
 
 def gram_schmidt(f):
@@ -81,12 +73,12 @@ def plain_fork_model(block, x, tau, *, act=None, balance="switch", shared_head=F
 CASES = {
 	"kl": dict(balance="kl"),
 	"shared_head": dict(shared_head=True),
-	"shared_head_simnorm": dict(shared_head=True, act=SimNormLike()),
+	"shared_head_simnorm": dict(shared_head=True, act=SimNorm()),
 	"orthogonal": dict(orthogonal=True),
-	"orthogonal_shared_simnorm": dict(orthogonal=True, shared_head=True, act=SimNormLike()),
+	"orthogonal_shared_simnorm": dict(orthogonal=True, shared_head=True, act=SimNorm()),
 	"gate_dims": dict(gate_dims=(4, 10)),
 	"dense": dict(top_k=4),
-	"fork": dict(top_k=4, balance="kl", shared_head=True, orthogonal=True, gate_dims=(8, 12), act=SimNormLike(),
+	"fork": dict(top_k=4, balance="kl", shared_head=True, orthogonal=True, gate_dims=(8, 12), act=SimNorm(),
 				 temperature=1.8, target_entropy=0.75 * math.log(4)),
 }
 
@@ -323,7 +315,7 @@ def test_training_forwards_on_cuda_never_sync_with_the_host():
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
 def test_torch_compile_fullgraph_with_fork_options(backend):
 	torch.manual_seed(0)
-	block = MoEBlock(8, [16, 16], 16, act=SimNormLike(), n_experts=4, top_k=4, balance="kl", shared_head=True,
+	block = MoEBlock(8, [16, 16], 16, act=SimNorm(), n_experts=4, top_k=4, balance="kl", shared_head=True,
 					 orthogonal=True, gate_dims=(4, 8), temperature=1.8, target_entropy=0.75 * math.log(4),
 					 temperature_rate=0.1, temperature_freeze=1)
 	twin = copy.deepcopy(block)
