@@ -50,9 +50,9 @@ UNKNOWN_KEY_SIGNS = ("not in struct", "Could not override", "unknown setting", "
 class Run:
 	"""One training run: a task, a variant and a seed, with its result and work paths under `out`."""
 
-	def __init__(self, out, task, variant, seed, steps, eval_freq, tdmpc2):
+	def __init__(self, out, task, variant, seed, steps, eval_freq, tdmpc2, settings=COMMON):
 		self.task, self.variant, self.seed = task, variant, seed
-		self.steps, self.eval_freq, self.tdmpc2 = steps, eval_freq, tdmpc2
+		self.steps, self.eval_freq, self.tdmpc2, self.settings = steps, eval_freq, tdmpc2, list(settings)
 		results = Path(out) / "results" / task / variant
 		self.csv = results / f"seed{seed}.csv"
 		self.meta = results / f"seed{seed}.json"
@@ -69,7 +69,11 @@ class Run:
 	def overrides(self):
 		"""Returns the key=value arguments of this run's `tdmpc2-moe train` command."""
 		return [f"task={self.task}", f"seed={self.seed}", f"steps={self.steps}", f"eval_freq={self.eval_freq}",
-				f"exp_name={self.variant}", *COMMON, *VARIANTS[self.variant]]
+				f"exp_name={self.variant}", *self.settings, *VARIANTS[self.variant]]
+
+	def seed_steps(self):
+		"""Returns the run's seed_steps setting (random-action steps before the first update)."""
+		return int(next(o for o in self.settings if o.startswith("seed_steps=")).split("=")[1])
 
 	def command(self):
 		"""Returns the argv that trains this run."""
@@ -149,7 +153,7 @@ class Run:
 		write_results(self.csv, evals, self.seed)
 		self.meta.write_text(json.dumps(dict(
 			command=" ".join(self.command()), overrides=self.overrides(), wall_s=round(time.time() - self.started, 1),
-			rss=self.rss, rss_growth_mb=rss_growth(self.rss, self.eval_freq, COMMON_SEED_STEPS)), indent=1) + "\n")
+			rss=self.rss, rss_growth_mb=rss_growth(self.rss, self.eval_freq, self.seed_steps())), indent=1) + "\n")
 		self.partial.unlink(missing_ok=True)
 		return None
 
@@ -166,9 +170,6 @@ class Run:
 		if evals:
 			write_results(self.partial, evals, self.seed)
 		return evals[-1][0] if evals else None
-
-
-COMMON_SEED_STEPS = int(next(o for o in COMMON if o.startswith("seed_steps=")).split("=")[1])
 
 
 def rss_growth(samples, eval_freq, seed_steps):
@@ -208,12 +209,12 @@ def read_results(path):
 		return [(int(r[0]), float(r[1]), int(r[2])) for r in reader]
 
 
-def plan(out, tasks, seeds, variants, steps, eval_freq, tdmpc2):
+def plan(out, tasks, seeds, variants, steps, eval_freq, tdmpc2, settings=COMMON):
 	"""Returns the runs in launch order: per task, per seed, every variant (so seeds finish side by side)."""
 	for name in variants:
 		if name not in VARIANTS:
 			raise ValueError(f"variants: unknown variant {name!r}; variants are {list(VARIANTS)}")
-	return [Run(out, task, variant, seed, steps, eval_freq, tdmpc2)
+	return [Run(out, task, variant, seed, steps, eval_freq, tdmpc2, settings)
 			for task in tasks for seed in seeds for variant in variants]
 
 
@@ -280,6 +281,65 @@ def run_all(runs, jobs, poll_s=30.0, echo=print):
 	return status
 
 
+def measure(task, variant, tdmpc2, updates=30, acts=100, warmup=5, seed=1):
+	"""
+	A short dedicated timing of one variant with the learning runs' settings, in this process on one
+	torch thread: returns {ms_per_update, ms_per_act} in process CPU time and the same as wall time
+	(wall_ms_per_update, wall_ms_per_act) (medians of `updates` `agent.update(buffer)` calls
+	on a buffer of two random-action episodes of `task`, and of `acts` `agent.act(obs)` planning calls
+	on real observations), or {skipped: reason} when this tdmpc2_moe does not know the variant's setting.
+	"""
+	import statistics
+	import torch
+	from hydra.errors import HydraException
+	from tdmpc2_moe import patching, upstream
+	os.environ.setdefault("MUJOCO_GL", "egl")
+	threads = torch.get_num_threads()
+	torch.set_num_threads(1)
+	patching.patch()
+	try:
+		try:
+			cfg = upstream.load_cfg([f"task={task}", f"seed={seed}", "steps=100000", *COMMON, *VARIANTS[variant]], tdmpc2)
+		except HydraException as exc:
+			return dict(skipped=f"this tdmpc2_moe does not know {VARIANTS[variant][0]} yet ({str(exc).splitlines()[0]})")
+		from envs import make_env
+		from common.buffer import Buffer
+		from tensordict import TensorDict
+		from tdmpc2 import TDMPC2
+		env = make_env(cfg)
+		torch.manual_seed(seed)
+		agent, buffer = TDMPC2(cfg), Buffer(cfg)
+		obs_seen = []
+		for _ in range(2):
+			obs = env.reset()
+			rows = [TensorDict(obs=obs[None], action=torch.full((1, cfg.action_dim), float("nan")),
+							   reward=torch.full((1,), float("nan")), terminated=torch.full((1,), float("nan")), batch_size=(1,))]
+			for _ in range(cfg.episode_length):
+				action = torch.rand(cfg.action_dim) * 2 - 1
+				obs, reward, _, info = env.step(action)
+				obs_seen.append(obs)
+				rows.append(TensorDict(obs=obs[None], action=action[None], reward=reward[None],
+									   terminated=info["terminated"][None], batch_size=(1,)))
+			buffer.add(torch.cat(rows))
+
+		def timed(name, fn, n):
+			# Process CPU time besides wall time: on a shared machine wall time also counts other jobs' turns.
+			wall, cpu = [], []
+			for i in range(n + warmup):
+				w, c = time.perf_counter(), time.process_time()
+				fn(i)
+				wall.append(time.perf_counter() - w)
+				cpu.append(time.process_time() - c)
+			return {f"ms_per_{name}": 1000 * statistics.median(cpu[warmup:]),
+					f"wall_ms_per_{name}": 1000 * statistics.median(wall[warmup:])}
+		return dict(**timed("update", lambda i: agent.update(buffer), updates),
+					**timed("act", lambda i: agent.act(obs_seen[i], t0=i == 0), acts),
+					updates=updates, acts=acts, backend=__import__("tdmpc2_moe").backend())
+	finally:
+		patching.unpatch()
+		torch.set_num_threads(threads)
+
+
 def main(argv=None):
 	parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 	sub = parser.add_subparsers(dest="cmd", required=True)
@@ -293,6 +353,13 @@ def main(argv=None):
 	run.add_argument("--jobs", type=int, default=1, help=f"runs at a time, 1 to the core count ({os.cpu_count()})")
 	run.add_argument("--poll", type=float, default=60.0, help="seconds between progress lines")
 	run.add_argument("--out", default=str(HERE))
+	timing = sub.add_parser("measure", help="ms per update and per act of each variant, one at a time, in this process")
+	timing.add_argument("--tdmpc2", default=os.environ.get("TDMPC2_ROOT"), help="TD-MPC2 checkout (default $TDMPC2_ROOT)")
+	timing.add_argument("--tasks", nargs="+", default=["cartpole-balance"])
+	timing.add_argument("--variants", nargs="+", default=list(VARIANTS))
+	timing.add_argument("--updates", type=int, default=30)
+	timing.add_argument("--acts", type=int, default=100)
+	timing.add_argument("--out", default=str(HERE))
 	report = sub.add_parser("report", help="plot and table from the result CSVs")
 	report.add_argument("--out", default=str(HERE))
 	report.add_argument("--at", nargs="+", type=int, default=None, help="steps of the return table")
@@ -311,6 +378,20 @@ def main(argv=None):
 		for name, state in status.items():
 			print(f"  {name}: {state.splitlines()[0]}")
 		return 1 if any(s.startswith(("failed", "stopped")) for s in status.values()) else 0
+	if args.cmd == "measure":
+		if not args.tdmpc2:
+			parser.error("--tdmpc2 (or $TDMPC2_ROOT) must name a TD-MPC2 checkout")
+		for task in args.tasks:
+			path = Path(args.out) / "results" / task / "measure.json"
+			found = {name: measure(task, name, Path(args.tdmpc2).resolve(), args.updates, args.acts)
+					 for name in args.variants}
+			path.parent.mkdir(parents=True, exist_ok=True)
+			path.write_text(json.dumps(found, indent=1) + "\n")
+			for name, m in found.items():
+				print(f"{task} {name}: " + (m["skipped"] if "skipped" in m else
+						f"{m['ms_per_update']:.1f} ms/update, {m['ms_per_act']:.1f} ms/act CPU time "
+						f"({m['wall_ms_per_update']:.1f}, {m['wall_ms_per_act']:.1f} wall; backend {m['backend']})"))
+		return 0
 	from report import report as make_report
 	print(make_report(Path(args.out), args.at))
 	return 0
