@@ -140,19 +140,24 @@ def test_unknown_setting_skips_the_variant(tdmpc2_root, tmp_path, monkeypatch):
 def test_world_model_fit_tiny(tdmpc2_root, tmp_path, unpatched):
 	kwargs = dict(task="cartpole-balance", episodes=3, held_out=1, steps=40, updates=4, eval_every=2,
 				  held_out_windows=32, seed=3, tdmpc2=tdmpc2_root, cache=tmp_path / "t.pt", echo=lambda line: None)
-	result = wm_fit.benchmark(variants=("plain", "moe"), **kwargs)
+	result = wm_fit.benchmark(variants=("plain", "moe"), model_seeds=(1, 2), **kwargs)
 	data = __import__("torch").load(tmp_path / "t.pt", weights_only=True)
 	assert data["obs"].shape == (3, 41, 5) and data["action"].shape == (3, 40, 1)
 	for name in ("plain", "moe"):
 		r = result["variants"][name]
-		assert [p["update"] for p in r["curve"]] == [0, 2, 4]
-		assert all(math.isfinite(p[k]) and p[k] >= 0 for p in r["curve"] for k in wm_fit.LOSSES)
-		assert r["ms_per_update"] > 0 and set(r["train"]) == set(wm_fit.LOSSES)
-	assert result["variants"]["plain"]["curve"][0] != result["variants"]["moe"]["curve"][0]
+		for fit in r["seeds"].values():
+			assert [p["update"] for p in fit["curve"]] == [0, 2, 4]
+			assert all(math.isfinite(p[k]) and p[k] >= 0 for p in fit["curve"] for k in wm_fit.LOSSES)
+			assert fit["ms_per_update"] > 0 and set(fit["train"]) == set(wm_fit.LOSSES)
+		finals = [f["final"]["reward"] for f in r["seeds"].values()]
+		assert r["final"]["reward"] == pytest.approx(sum(finals) / 2) and r["final_range"]["reward"] == [min(finals), max(finals)]
+		assert finals[0] != finals[1], "model seeds give different fits"
+	assert result["variants"]["plain"]["seeds"]["1"]["curve"] != result["variants"]["moe"]["seeds"]["1"]["curve"]
 	# Deterministic: the same settings give the same losses (the recording comes from the cache).
-	again = wm_fit.benchmark(variants=("plain",), **kwargs)
-	assert again["variants"]["plain"]["curve"] == result["variants"]["plain"]["curve"]
-	assert "| plain |" in wm_fit.table(result) and "| moe |" in wm_fit.table(result)
+	again = wm_fit.benchmark(variants=("plain",), model_seeds=(1,), **kwargs)
+	assert again["variants"]["plain"]["seeds"]["1"]["curve"] == result["variants"]["plain"]["seeds"]["1"]["curve"]
+	text = wm_fit.table(result)
+	assert "| plain |" in text and "| moe |" in text and " to " in text
 
 
 def test_world_model_fit_records_deterministically(tdmpc2_root, tmp_path):

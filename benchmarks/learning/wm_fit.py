@@ -169,10 +169,13 @@ def fit(variant, task, data, train_episodes, test, updates, eval_every, seed, td
 
 
 def benchmark(task="walker-walk", episodes=12, held_out=2, steps=500, updates=400, eval_every=50,
-			  held_out_windows=1024, variants=tuple(VARIANTS), seed=1, tdmpc2=None, cache=None, echo=print):
+			  held_out_windows=1024, variants=tuple(VARIANTS), seed=1, model_seeds=(1,), tdmpc2=None, cache=None,
+			  echo=print):
 	"""
-	Records (or loads) the transitions and fits every variant; returns {settings, variants: {name:
-	fit result or {skipped: reason}}}. Runs with one torch thread for the duration.
+	Records (or loads) the transitions (seeded with `seed`) and fits every variant once per model seed
+	(initialisation, training batches and policy noise; the recording and held-out windows stay the
+	same); returns {settings, variants: {name: `summarise` of the fits, or {skipped: reason}}}. Runs
+	with one torch thread for the duration.
 	"""
 	for name in variants:
 		if name not in VARIANTS:
@@ -190,13 +193,18 @@ def benchmark(task="walker-walk", episodes=12, held_out=2, steps=500, updates=40
 		test = windows(data, range(n - held_out, n), held_out_windows, horizon, seed + 1)
 		out = dict(settings=dict(task=task, episodes=episodes, held_out=held_out, steps=steps, updates=updates,
 								 eval_every=eval_every, held_out_windows=held_out_windows, seed=seed,
+								 model_seeds=list(model_seeds),
 								 common=COMMON, variants={v: VARIANTS[v] for v in variants},
 								 backend=__import__("tdmpc2_moe").backend(), torch=torch.__version__),
 				   variants={})
 		for name in variants:
 			t0 = time.time()
 			try:
-				out["variants"][name] = fit(name, task, data, range(n - held_out), test, updates, eval_every, seed, tdmpc2)
+				fits = {}
+				for model_seed in model_seeds:
+					fits[str(model_seed)] = fit(name, task, data, range(n - held_out), test, updates, eval_every,
+												model_seed, tdmpc2)
+					patching.unpatch()
 			except (HydraException, ValueError) as exc:
 				key = VARIANTS[name][0]
 				if key.split("=")[0] not in str(exc):
@@ -207,16 +215,29 @@ def benchmark(task="walker-walk", episodes=12, held_out=2, steps=500, updates=40
 				continue
 			finally:
 				patching.unpatch()
-			r = out["variants"][name]
+			r = out["variants"][name] = summarise(fits)
 			echo(f"{name}: held-out " + ", ".join(f"{k} {r['final'][k]:.4f}" for k in LOSSES)
-				 + f", {r['ms_per_update']:.1f} ms/update ({time.time() - t0:.0f} s)")
+				 + f" (mean of {len(fits)} seeds), {r['ms_per_update']:.1f} ms/update ({time.time() - t0:.0f} s)")
 		return out
 	finally:
 		torch.set_num_threads(threads)
 
 
+def summarise(fits):
+	"""
+	Returns {seeds: {seed: fit result}, final: {loss: mean over seeds}, final_range: {loss: [min, max]},
+	ms_per_update, wall_ms_per_update: medians over the seeds' medians}.
+	"""
+	finals = [f["final"] for f in fits.values()]
+	return dict(seeds=fits,
+				final={k: statistics.fmean(f[k] for f in finals) for k in LOSSES},
+				final_range={k: [min(f[k] for f in finals), max(f[k] for f in finals)] for k in LOSSES},
+				ms_per_update=statistics.median(f["ms_per_update"] for f in fits.values()),
+				wall_ms_per_update=statistics.median(f["wall_ms_per_update"] for f in fits.values()))
+
+
 def table(result):
-	"""Returns the markdown table of a `benchmark` result."""
+	"""Returns the markdown table of a `benchmark` result: held-out losses as the mean over model seeds (min to max)."""
 	rows = ["| variant | held-out consistency | held-out reward | held-out value | ms / update (CPU) | wall ms | vs plain |",
 			"|---|---|---|---|---|---|---|"]
 	plain = result["variants"].get("plain", {}).get("ms_per_update")
@@ -224,10 +245,12 @@ def table(result):
 		if "skipped" in r:
 			rows.append(f"| {name} | skipped: {r['skipped'].split(' (')[0]} | | | | | |")
 			continue
-		f = r["final"]
+		cells = []
+		for k in LOSSES:
+			low, high = r["final_range"][k]
+			cells.append(f"{r['final'][k]:.4f}" + (f" ({low:.4f} to {high:.4f})" if len(r["seeds"]) > 1 else ""))
 		ratio = f"{r['ms_per_update'] / plain:.2f}x" if plain else ""
-		rows.append(f"| {name} | {f['consistency']:.4f} | {f['reward']:.4f} | {f['value']:.4f} | "
-					f"{r['ms_per_update']:.1f} | {r['wall_ms_per_update']:.1f} | {ratio} |")
+		rows.append(f"| {name} | {' | '.join(cells)} | {r['ms_per_update']:.1f} | {r['wall_ms_per_update']:.1f} | {ratio} |")
 	return "\n".join(rows)
 
 
@@ -240,7 +263,8 @@ def main(argv=None):
 	parser.add_argument("--steps", type=int, default=500, help="steps per recorded episode")
 	parser.add_argument("--updates", type=int, default=400)
 	parser.add_argument("--eval-every", type=int, default=50)
-	parser.add_argument("--seed", type=int, default=1)
+	parser.add_argument("--seed", type=int, default=1, help="seed of the recording and the held-out windows")
+	parser.add_argument("--model-seeds", nargs="+", type=int, default=[1, 2], help="one fit per variant and seed")
 	parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
 	parser.add_argument("--out", default=str(HERE / "wm_fit"))
 	args = parser.parse_args(argv)
@@ -249,7 +273,7 @@ def main(argv=None):
 	out = Path(args.out)
 	cache = HERE / "work" / f"transitions-{args.task}-{args.episodes}x{args.steps}-seed{args.seed}.pt"
 	result = benchmark(args.task, args.episodes, args.held_out, args.steps, args.updates, args.eval_every,
-					   variants=args.variants, seed=args.seed, tdmpc2=args.tdmpc2, cache=cache)
+					   variants=args.variants, seed=args.seed, model_seeds=args.model_seeds, tdmpc2=args.tdmpc2, cache=cache)
 	out.mkdir(parents=True, exist_ok=True)
 	(out / f"{args.task}.json").write_text(json.dumps(result, indent=1) + "\n")
 	print(table(result))
