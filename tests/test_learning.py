@@ -49,6 +49,13 @@ def test_results_csv_bad_input(tmp_path):
 		learning.plan(tmp_path, ["cartpole-balance"], [1], ["plain", "nope"], 500, 500, "/x")
 
 
+def test_rss_growth_counts_from_the_first_evaluation_after_pretraining():
+	# (seconds, last evaluated step, MB): the buffer and optimiser fill up during the seed steps.
+	samples = [(2, -1, 200.0), (4, 0, 400.0), (6, 1000, 480.0), (8, 1500, 500.0), (10, 2000, 507.5), (12, 2000, 0.0)]
+	assert learning.rss_growth(samples, eval_freq=500, seed_steps=1000) == 7.5, "0 MB: read while exiting"
+	assert learning.rss_growth(samples[:4], eval_freq=500, seed_steps=1000) is None
+
+
 def _finish_by_hand(run, evals):
 	learning.write_results(run.csv, evals, run.seed)
 	run.meta.write_text(json.dumps(dict(overrides=run.overrides())))
@@ -90,7 +97,7 @@ def test_report_plot_and_table(tmp_path):
 	assert "| 400 (300 / 500) | 600 (500 / 700) |" in rows["plain"]
 	assert "| 200 (150 / 250) | 300 (250 / 350) |" in rows["moe"]
 	assert "| 2 / 2 | +3 / +3 |" in rows["plain"]
-	assert "moe/seed3.partial.csv (to step 0)" in text
+	assert "| cartpole-balance | moe, unfinished (to step 0) | 3 |" in text
 
 
 def test_windows_match_upstreams_batch_layout():

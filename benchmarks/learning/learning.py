@@ -43,6 +43,7 @@ VARIANTS = {
 	"fork": ["moe_preset=fork", "use_moe=true"],
 }
 FIELDS = ("step", "reward", "seed")
+RSS_EVERY_S = 10.0
 # Lines of Hydra / the plugin's settings check that say a key is not known.
 UNKNOWN_KEY_SIGNS = ("not in struct", "Could not override", "unknown setting", "Key '")
 
@@ -116,9 +117,13 @@ class Run:
 
 	def sample_rss(self):
 		"""Records (seconds, last evaluated step, resident MB) of the training process."""
+		if self.rss and time.time() - self.started - self.rss[-1][0] < RSS_EVERY_S:
+			return
 		try:
 			mb = psutil.Process(self.proc.pid).memory_info().rss / 2 ** 20
 		except psutil.Error:
+			return
+		if mb == 0:
 			return
 		evals = self.evaluations()
 		self.rss.append((round(time.time() - self.started, 1), evals[-1][0] if evals else -1, round(mb, 1)))
@@ -178,7 +183,8 @@ def rss_growth(samples, eval_freq, seed_steps):
 	past the seed pretraining (replay buffer, optimiser state and model already allocated) to the
 	last sample, or None when there are too few samples.
 	"""
-	after = [s for s in samples if s[1] >= seed_steps + eval_freq]
+	# A sample of 0 MB was read while the process was exiting.
+	after = [s for s in samples if s[1] >= seed_steps + eval_freq and s[2] > 0]
 	if len(after) < 2:
 		return None
 	return round(after[-1][2] - after[0][2], 1)

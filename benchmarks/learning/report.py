@@ -3,13 +3,14 @@ Plot and table of the learning benchmark's results (`learning.py report`): per t
 against environment steps, mean over seeds with the spread (min to max over seeds) shaded, one line
 per variant; and a markdown table of the return at fixed steps (mean and each seed), the run's wall
 time and resident-memory growth (from the runs), and ms per update / per `act` (from `learning.py
-measure`, when its file is there). Only finished runs count; partial ones are listed under the table.
+measure`, when its file is there). Only finished runs enter the means; unfinished ones (their
+`.partial.csv`) are drawn dashed and get a row of their own.
 """
 import json
 import statistics
 from pathlib import Path
 
-from learning import VARIANTS, read_results
+from learning import VARIANTS, read_results, rss_growth
 
 
 def load(out):
@@ -43,19 +44,31 @@ def curves(seeds):
 	return common, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
 
 
-def plot(runs, path):
-	"""Draws one panel per task (mean line, min-max band over seeds per variant) into PNG `path`."""
+def plot(runs, path, partial=()):
+	"""
+	Draws one panel per task (mean line, min-max band over seeds per variant) into PNG `path`; the
+	`partial` CSVs of unfinished runs as thin dashed lines of their own, outside the mean.
+	"""
 	import matplotlib
 	matplotlib.use("Agg")
 	import matplotlib.pyplot as plt
-	tasks = sorted(runs)
+	tasks = sorted(set(runs) | {p.parent.parent.name for p in partial})
 	fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
 	for ax, task in zip(axes[0], tasks):
-		for variant in _order(runs[task]):
-			seeds = runs[task][variant]
-			steps, mean, low, high = curves(seeds)
-			line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{variant} ({len(seeds)} seeds)")
-			ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, lw=0)
+		colors = {}
+		for variant in _order(set(runs.get(task, {})) | {p.parent.name for p in partial if p.parent.parent.name == task}):
+			seeds = runs.get(task, {}).get(variant)
+			if seeds:
+				steps, mean, low, high = curves(seeds)
+				line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{variant} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+				ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, lw=0)
+				colors[variant] = line.get_color()
+			for p in partial:
+				if p.parent.parent.name == task and p.parent.name == variant:
+					rows = read_results(p)
+					line, = ax.plot([r[0] for r in rows], [r[1] for r in rows], ls="--", lw=1, marker=".",
+									color=colors.get(variant), label=f"{variant} {p.name.split('.')[0]} (unfinished)")
+					colors.setdefault(variant, line.get_color())
 		ax.set_title(task)
 		ax.set_xlabel("environment steps")
 		ax.set_ylabel("eval episode return")
@@ -68,6 +81,7 @@ def plot(runs, path):
 
 
 def _steps_for_table(runs, at):
+	"""Returns `at`, or else 0 and every quarter of the finished runs' common evaluation steps."""
 	if at:
 		return at
 	steps = sorted(set.intersection(*(set(curves(seeds)[0]) for variants in runs.values() for seeds in variants.values())))
@@ -75,8 +89,19 @@ def _steps_for_table(runs, at):
 	return [s for s in steps if s % step == 0]
 
 
-def table(runs, metas, measures, at=None):
-	"""Returns the markdown table: per task and variant, return at the `at` steps, wall time, memory, timings."""
+def _growth(meta):
+	"""Returns a run's resident-memory growth, recomputed from its samples and settings (learning.rss_growth)."""
+	if "rss" not in meta:
+		return meta.get("rss_growth_mb")
+	setting = dict(o.split("=", 1) for o in meta["overrides"])
+	return rss_growth(meta["rss"], int(setting["eval_freq"]), int(setting["seed_steps"]))
+
+
+def table(runs, metas, measures, at=None, partial=()):
+	"""
+	Returns the markdown table: per task and variant, return at the `at` steps (mean over seeds, then
+	each seed), wall time, memory, timings; then one row per unfinished run (`partial` CSVs).
+	"""
 	at = _steps_for_table(runs, at)
 	head = ["task", "variant", "seeds"] + [f"return @ {s}" for s in at] + [
 		"wall min / run", "RSS growth MB", "ms / update", "ms / act"]
@@ -93,27 +118,28 @@ def table(runs, metas, measures, at=None):
 				cells.append(f"{statistics.fmean(values):.0f} ({' / '.join(f'{v:.0f}' for v in values)})")
 			meta = metas.get(task, {}).get(variant, {})
 			walls = [m["wall_s"] / 60 for m in meta.values()]
-			growth = [m["rss_growth_mb"] for m in meta.values() if m.get("rss_growth_mb") is not None]
+			growth = [g for g in map(_growth, meta.values()) if g is not None]
 			cells.append(" / ".join(f"{w:.0f}" for w in walls))
 			cells.append(" / ".join(f"{g:+.0f}" for g in growth))
 			m = measures.get(task, {}).get(variant, {})
 			cells.append(f"{m['ms_per_update']:.0f}" if "ms_per_update" in m else "")
 			cells.append(f"{m['ms_per_act']:.0f}" if "ms_per_act" in m else "")
 			rows.append("| " + " | ".join(cells) + " |")
+	for p in partial:
+		evals = {step: reward for step, reward, _ in read_results(p)}
+		cells = [p.parent.parent.name, f"{p.parent.name}, unfinished (to step {max(evals)})", p.name.split(".")[0][4:]]
+		cells += [f"{evals[s]:.0f}" if s in evals else "" for s in at] + ["", "", "", ""]
+		rows.append("| " + " | ".join(cells) + " |")
 	return "\n".join(rows)
 
 
 def report(out, at=None):
 	"""Writes `out`/learning.png and returns the markdown table (plus a line per partial run)."""
 	runs, metas, partial = load(out)
-	if not runs:
+	if not runs and not partial:
 		return f"no finished runs under {Path(out, 'results')}"
 	measures = {}
 	for path in Path(out, "results").glob("*/measure.json"):
 		measures[path.parent.name] = json.loads(path.read_text())
-	plot(runs, Path(out, "learning.png"))
-	text = table(runs, metas, measures, at)
-	if partial:
-		text += "\n\nPartial runs (not in the table or plot): " + ", ".join(
-			f"{p.parent.parent.name}/{p.parent.name}/{p.name} (to step {read_results(p)[-1][0]})" for p in partial)
-	return text
+	plot(runs, Path(out, "learning.png"), partial)
+	return table(runs, metas, measures, at, partial) if runs else "no finished runs"
