@@ -165,6 +165,8 @@ def test_world_model_fit_tiny(tdmpc2_root, tmp_path, unpatched):
 	assert again["variants"]["plain"]["seeds"]["1"]["curve"] == result["variants"]["plain"]["seeds"]["1"]["curve"]
 	text = wm_fit.table(result)
 	assert "| plain |" in text and "| moe |" in text and " to " in text
+	wm_fit.plot(result, tmp_path / "fit.png")
+	assert (tmp_path / "fit.png").stat().st_size > 1000
 
 
 def test_world_model_fit_records_deterministically(tdmpc2_root, tmp_path):

@@ -11,7 +11,8 @@ thread; wall time is recorded too).
 	TDMPC2_ROOT=/root/tdmpc2 OMP_NUM_THREADS=1 python benchmarks/learning/wm_fit.py --task walker-walk
 
 Writes `<out>/<task>.json` (settings, per-variant held-out curve, final losses, ms per update) and
-prints the table. A variant whose setting this tdmpc2_moe does not know yet (`moe_preset=fork`
+`<out>/<task>.png` (held-out losses against updates) and prints the table; `--from-json PATH`
+redraws both from a saved result. A variant whose setting this tdmpc2_moe does not know yet (`moe_preset=fork`
 before it exists) is skipped with a message.
 """
 import argparse
@@ -254,6 +255,35 @@ def table(result):
 	return "\n".join(rows)
 
 
+def plot(result, path):
+	"""Draws held-out consistency, reward and value loss against updates (mean over model seeds, min-max band) into PNG `path`."""
+	import matplotlib
+	matplotlib.use("Agg")
+	import matplotlib.pyplot as plt
+	fig, axes = plt.subplots(1, len(LOSSES), figsize=(4.5 * len(LOSSES), 3.6))
+	for name, r in result["variants"].items():
+		if "skipped" in r:
+			continue
+		fits = list(r["seeds"].values())
+		updates = [p["update"] for p in fits[0]["curve"]]
+		for ax, k in zip(axes, LOSSES):
+			values = [[f["curve"][i][k] for f in fits] for i in range(len(updates))]
+			line, = ax.plot(updates, [statistics.fmean(v) for v in values], marker="o", ms=3,
+							label=f"{name} ({len(fits)} seed{'s' * (len(fits) > 1)})")
+			ax.fill_between(updates, [min(v) for v in values], [max(v) for v in values], color=line.get_color(),
+							alpha=0.2, lw=0)
+	for ax, k in zip(axes, LOSSES):
+		ax.set_title(f"held-out {k} loss")
+		ax.set_xlabel("updates")
+		ax.set_yscale("log")
+		ax.grid(alpha=0.3)
+		ax.legend()
+	fig.suptitle(f"{result['settings']['task']}: mean over model seeds; shaded: min to max", fontsize=9)
+	fig.tight_layout()
+	fig.savefig(path, dpi=110)
+	plt.close(fig)
+
+
 def main(argv=None):
 	parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 	parser.add_argument("--tdmpc2", default=os.environ.get(upstream.ENV_VAR), help="TD-MPC2 checkout (default $TDMPC2_ROOT)")
@@ -267,7 +297,13 @@ def main(argv=None):
 	parser.add_argument("--model-seeds", nargs="+", type=int, default=[1, 2], help="one fit per variant and seed")
 	parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
 	parser.add_argument("--out", default=str(HERE / "wm_fit"))
+	parser.add_argument("--from-json", metavar="PATH", help="table and plot of a saved result, without fitting")
 	args = parser.parse_args(argv)
+	if args.from_json:
+		result = json.loads(Path(args.from_json).read_text())
+		plot(result, Path(args.from_json).with_suffix(".png"))
+		print(table(result))
+		return 0
 	if not args.tdmpc2:
 		parser.error(f"--tdmpc2 (or ${upstream.ENV_VAR}) must name a TD-MPC2 checkout")
 	out = Path(args.out)
@@ -276,6 +312,7 @@ def main(argv=None):
 					   variants=args.variants, seed=args.seed, model_seeds=args.model_seeds, tdmpc2=args.tdmpc2, cache=cache)
 	out.mkdir(parents=True, exist_ok=True)
 	(out / f"{args.task}.json").write_text(json.dumps(result, indent=1) + "\n")
+	plot(result, out / f"{args.task}.png")
 	print(table(result))
 	return 0
 
