@@ -128,7 +128,9 @@ def table(runs, metas, measures, at=None, partial=()):
 	for p in partial:
 		evals = {step: reward for step, reward, _ in read_results(p)}
 		cells = [p.parent.parent.name, f"{p.parent.name}, unfinished (to step {max(evals)})", p.name.split(".")[0][4:]]
-		cells += [f"{evals[s]:.0f}" if s in evals else "" for s in at] + ["", "", "", ""]
+		m = measures.get(p.parent.parent.name, {}).get(p.parent.name, {})
+		cells += [f"{evals[s]:.0f}" if s in evals else "" for s in at] + ["", ""]
+		cells += [f"{m[k]:.0f}" if k in m else "" for k in ("ms_per_update", "ms_per_act")]
 		rows.append("| " + " | ".join(cells) + " |")
 	return "\n".join(rows)
 
