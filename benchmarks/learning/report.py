@@ -73,7 +73,7 @@ def plot(runs, path, partial=()):
 		ax.set_xlabel("environment steps")
 		ax.set_ylabel("eval episode return")
 		ax.grid(alpha=0.3)
-		ax.legend(loc="lower right")
+		ax.legend(loc="best", fontsize=8)
 	fig.suptitle("mean over seeds; shaded: min to max over seeds", fontsize=9)
 	fig.tight_layout()
 	fig.savefig(path, dpi=110)
