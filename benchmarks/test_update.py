@@ -4,7 +4,8 @@ and planning defaults, walker-walk shapes): plain upstream vs patched with MoE h
 dynamics/reward/pi (E=4 k=2 and E=8 k=1, dense and sparse dispatch; E=4 k=2 also with `auto`, with
 and without the plugin's bookkeeping: MoE metrics + memory monitor) vs the fork-style leaky MoE block
 on the same heads, and the fork preset (`use_moe=true moe_preset=fork`: E=4 dense orthogonal experts
-with a shared head on dynamics/reward). Reports medians (pytest-benchmark) and, for updates,
+with a shared head on dynamics/reward) vs the fork's own MOORE layer re-implemented as it ran
+(`baselines.LeakyForkMoEBlock`: host list of gates, per-forward `.item()`, detached KL) in its place. Reports medians (pytest-benchmark) and, for updates,
 resident memory growth per 1,000 updates over the benchmarked rounds, scaled. Needs $TDMPC2_ROOT.
 
 	TDMPC2_ROOT=/path/to/tdmpc2 UPDATE_BENCH_ROUNDS=20 python -m pytest benchmarks/test_update.py \
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from tdmpc2_moe import patching, upstream
-from tdmpc2_moe.baselines import LeakyMoEBlock
+from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock
 from tdmpc2_moe.moe import MoEBlock
 
 ROUNDS = int(os.environ.get("UPDATE_BENCH_ROUNDS", "200"))
@@ -44,9 +45,10 @@ VARIANTS = {
 	"moe_e8k1_sparse": ["use_moe=true", *E8K1, NO_MONITOR, "moe_dispatch=sparse"],
 	"leaky_fork_e8k1": ["use_moe=true", *E8K1, NO_MONITOR],
 	"fork_preset": ["use_moe=true", "moe_preset=fork", NO_MONITOR],
+	"leaky_fork_preset": ["use_moe=true", "moe_preset=fork", NO_MONITOR],
 }
 ACT_VARIANTS = ["plain", "moe_e4k2_dense", "moe_e4k2_sparse", "leaky_fork", "moe_e8k1_dense", "moe_e8k1_sparse",
-				"leaky_fork_e8k1", "fork_preset"]
+				"leaky_fork_e8k1", "fork_preset", "leaky_fork_preset"]
 
 
 def _resident_mb():
@@ -98,14 +100,29 @@ class LeakyForkFixed(LeakyMoEBlock):
 		super().__init__(*args, **{k: kwargs[k] for k in _LEAKY_KEYWORDS}, fix=True)
 
 
-LEAKY = {"leaky_fork": LeakyFork, "leaky_fork_fixed": LeakyForkFixed, "leaky_fork_e8k1": LeakyFork}
+# The MoEBlock keywords of the fork preset that the fork's own (leaky) MOORE layer takes; it is dense
+# over all experts with a shared head by construction.
+_LEAKY_PRESET_KEYWORDS = ("n_experts", "temperature", "aux_coef", "orthogonal", "gate_dims", "target_entropy",
+						  "temperature_bounds", "temperature_rate", "temperature_freeze", "history_rows")
+
+
+class LeakyForkPreset(LeakyForkMoEBlock):
+	"""The fork's MOORE layer as it ran (host list of gates, per-forward .item(), detached KL) with the preset's settings."""
+
+	def __init__(self, *args, **kwargs):
+		super().__init__(*args, **{k: kwargs[k] for k in _LEAKY_PRESET_KEYWORDS if k in kwargs})
+
+
+LEAKY = {"leaky_fork": LeakyFork, "leaky_fork_fixed": LeakyForkFixed, "leaky_fork_e8k1": LeakyFork,
+		 "leaky_fork_preset": LeakyForkPreset}
+_LEAKY_BLOCKS = (LeakyMoEBlock, LeakyForkMoEBlock)
 
 
 def _moe_or_leaky_blocks(model):
 	# patch() checks that every head in moe_heads became a MoE head; with the leaky block in MoEBlock's
 	# place that check has to recognise the leaky block too.
 	heads = dict(dynamics=model._dynamics, reward=model._reward, pi=model._pi)
-	return {name: m for name, m in heads.items() if isinstance(m, (MoEBlock, LeakyMoEBlock))}
+	return {name: m for name, m in heads.items() if isinstance(m, (MoEBlock, *_LEAKY_BLOCKS))}
 
 
 def _agent(variant, monkeypatch):
@@ -166,7 +183,7 @@ def test_act(benchmark, variant, root, monkeypatch):
 	def act():
 		agent.act(obs, t0=True)
 		for block in agent.model.modules():
-			if isinstance(block, LeakyMoEBlock):
+			if isinstance(block, _LEAKY_BLOCKS):
 				# Keep the never-cleared list from eating the host's memory; its cost is the append.
 				block.gate_history.clear()
 	benchmark.group = "act"
@@ -191,6 +208,8 @@ def test_bookkeeping_alone(benchmark, root, monkeypatch):
 
 
 def _leaky_of(variant):
+	if "preset" in variant:
+		return "leaky_fork_preset"
 	return "leaky_fork_e8k1" if "e8k1" in variant else "leaky_fork"
 
 
