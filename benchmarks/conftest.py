@@ -9,7 +9,8 @@ import pytest
 
 def pytest_configure(config):
 	import tdmpc2_moe
-	if tdmpc2_moe.backend() != "reference":
+	# Collecting times nothing (scripts/gpu_check.sh --dry-run collects before any build).
+	if config.option.collectonly or tdmpc2_moe.backend() != "reference":
 		return
 	from tdmpc2_moe import ops
 	pytest.exit(

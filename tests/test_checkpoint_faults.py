@@ -7,7 +7,6 @@ The runs are tiny (about a minute of CPU time for the file): model_size=1 with 2
 batch 4, 700 steps with a checkpoint at the first episode end (step 500); seed_steps=0, so that
 updates start at the first stored episode (step 500) instead of upstream's 500-update burst.
 """
-import multiprocessing
 import os
 import random
 import signal
@@ -179,25 +178,28 @@ def test_corrupted_checkpoint_is_one_line_naming_it(tdmpc2_root, tmp_path):
 	assert "Traceback" not in out.stderr + out.stdout
 
 
-def _rewrite_forever(path):
-	for i in range(1000):
-		checkpoint.atomic_save({"step": i, "weights": torch.full((4_000_000,), float(i))}, path)
+# A separate interpreter, not a fork: forking a process whose torch thread pools already run can
+# deadlock the child (it never writes, and the test waits for nothing).
+_REWRITE_FOREVER = ("import sys, torch\n"
+					"from tdmpc2_moe import checkpoint\n"
+					"for i in range(1000):\n"
+					"	checkpoint.atomic_save({'step': i, 'weights': torch.full((4_000_000,), float(i))}, sys.argv[1])\n")
 
 
 def test_kill_during_a_write_keeps_the_previous_checkpoint(tmp_path):
-	# No upstream needed: a (forked) process rewriting a 16 MB checkpoint in a loop, killed while its
+	# No upstream needed: a process rewriting a 16 MB checkpoint in a loop, killed while its
 	# temporary file is being written; the checkpoint is always a complete earlier version.
 	rng, path, landed = random.Random(), tmp_path / "latest.pt", []
 	for _ in range(5):
-		proc = multiprocessing.get_context("fork").Process(target=_rewrite_forever, args=(path,))
-		proc.start()
+		proc = subprocess.Popen([sys.executable, "-c", _REWRITE_FOREVER, str(path)],
+								env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
 		deadline = time.monotonic() + TIMEOUT
 		while not (path.exists() and _temporaries(path, proc.pid)) and time.monotonic() < deadline:
-			assert proc.is_alive()
+			assert proc.poll() is None, "the rewriting process ended before it was killed"
 			time.sleep(0.0002)
 		time.sleep(rng.uniform(0.0, 0.02))
 		os.kill(proc.pid, signal.SIGKILL)
-		proc.join(timeout=60)
+		proc.wait(timeout=60)
 		landed.append(bool(_temporaries(path, proc.pid)))
 		state = checkpoint.load(path)
 		assert torch.equal(state["weights"], torch.full((4_000_000,), float(state["step"])))
