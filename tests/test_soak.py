@@ -92,8 +92,9 @@ def test_moe_block_memory_is_flat(train, steps):
 
 
 # Each leaked gate holds ~0.7 KB, so 20,000 no_grad forwards pass 2 MB with a wide margin; the
-# training loop runs as long as MoEBlock's (a 5,000-step run stayed under 2 MB once in a full suite).
-@pytest.mark.parametrize("train,steps", [(False, 20_000), (True, TRAIN_STEPS)], ids=["no_grad", "train"])
+# training loop runs 20,000 steps too (a 5,000-step run stayed under 2 MB once in a full suite, and a
+# 10,000-step one grew only 1.86 MB once in a clean-clone CI run: the allocator absorbs part of a leak).
+@pytest.mark.parametrize("train,steps", [(False, 20_000), (True, 2 * TRAIN_STEPS)], ids=["no_grad", "train"])
 def test_leaky_block_memory_grows(train, steps):
 	block = _make(LeakyMoEBlock)
 	rss_mb, tensors = _soak(block, steps, train)
