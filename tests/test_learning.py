@@ -49,6 +49,20 @@ def test_results_csv_bad_input(tmp_path):
 		learning.plan(tmp_path, ["cartpole-balance"], [1], ["plain", "nope"], 500, 500, "/x")
 
 
+def test_runs_launch_seed_by_seed_so_every_task_gets_its_first_seed_first(tmp_path):
+	runs = learning.plan(tmp_path, ["cartpole-balance", "walker-stand"], [1, 2], ["plain", "moe"], 500, 500, "/x")
+	assert [(r.seed, r.task, r.variant) for r in runs] == [
+		(1, "cartpole-balance", "plain"), (1, "cartpole-balance", "moe"), (1, "walker-stand", "plain"),
+		(1, "walker-stand", "moe"), (2, "cartpole-balance", "plain"), (2, "cartpole-balance", "moe"),
+		(2, "walker-stand", "plain"), (2, "walker-stand", "moe")]
+
+
+def test_moe_variants_take_gate_snapshots_plain_does_not():
+	assert not any(o.startswith("gate_snapshot_interval") for o in learning.VARIANTS["plain"])
+	for variant in ("moe", "fork"):
+		assert f"gate_snapshot_interval={learning.GATE_SNAPSHOT_EVERY}" in learning.VARIANTS[variant]
+
+
 def test_rss_growth_counts_from_the_first_evaluation_after_pretraining():
 	# (seconds, last evaluated step, MB): the buffer and optimiser fill up during the seed steps.
 	samples = [(2, -1, 200.0), (4, 0, 400.0), (6, 1000, 480.0), (8, 1500, 500.0), (10, 2000, 507.5), (12, 2000, 0.0)]
@@ -134,6 +148,19 @@ def test_tiny_training_run_then_resume(tdmpc2_root, tmp_path):
 	again = learning.run_all([learning.Run(tmp_path, "cartpole-balance", "plain", 1, 500, 500, tdmpc2_root, TINY)],
 							 jobs=1, poll_s=5.0, echo=lines.append)
 	assert again == {run.name: "complete"} and run.csv.stat().st_mtime_ns == stamp
+
+
+def test_tiny_moe_run_saves_its_routing_over_training(tdmpc2_root, tmp_path):
+	# 500 pretraining updates with snapshots every GATE_SNAPSHOT_EVERY (250): snapshots at updates 250 and 500.
+	run = learning.Run(tmp_path, "cartpole-balance", "moe", 1, 500, 500, tdmpc2_root, TINY)
+	status = learning.run_all([run], jobs=1, poll_s=5.0, echo=lambda line: None)
+	assert status == {run.name: "done"}, run.log_tail(20)
+	table = run.routing_png.with_suffix(".md").read_text().splitlines()
+	assert run.routing_png.stat().st_size > 10_000
+	updates = sorted({int(line.split("|")[1]) for line in table[2:]})
+	assert updates == [250, 500], table
+	assert {line.split("|")[2].strip() for line in table[2:]} == {"dynamics", "reward", "pi"}
+	assert learning.Run(tmp_path, "cartpole-balance", "plain", 1, 500, 500, tdmpc2_root, TINY).save_routing() is None
 
 
 def test_unknown_setting_skips_the_variant(tdmpc2_root, tmp_path, monkeypatch):

@@ -34,13 +34,15 @@ HERE = Path(__file__).resolve().parent
 # The settings every variant shares: upstream's smallest model on the CPU with reduced planning, so
 # that the plain agent learns cartpole-balance within a few thousand steps on a 2-core machine.
 COMMON = ["model_size=1", "device=cpu", "compile=false", "seed_steps=1000", "batch_size=64",
-		  "num_samples=128", "num_elites=16", "num_pi_trajs=8", "iterations=4", "eval_episodes=2",
+		  "num_samples=128", "num_elites=16", "num_pi_trajs=8", "iterations=2", "eval_episodes=1",
 		  "enable_wandb=false", "save_video=false", "save_agent=false"]
+# Routing snapshots (work_dir/gates/step_<update>.npz) every this many updates in the MoE variants.
+GATE_SNAPSHOT_EVERY = 250
 # What differs between variants; the first key of each is the setting a variant needs to exist.
 VARIANTS = {
 	"plain": ["use_moe=false"],
-	"moe": ["use_moe=true", "moe_experts=4", "moe_top_k=2"],
-	"fork": ["moe_preset=fork", "use_moe=true"],
+	"moe": ["use_moe=true", "moe_experts=4", "moe_top_k=2", f"gate_snapshot_interval={GATE_SNAPSHOT_EVERY}"],
+	"fork": ["moe_preset=fork", "use_moe=true", f"gate_snapshot_interval={GATE_SNAPSHOT_EVERY}"],
 }
 FIELDS = ("step", "reward", "seed")
 RSS_EVERY_S = 10.0
@@ -160,7 +162,27 @@ class Run:
 			command=" ".join(self.command()), overrides=self.overrides(), wall_s=round(time.time() - self.started, 1),
 			rss=self.rss, rss_growth_mb=rss_growth(self.rss, self.eval_freq, self.seed_steps())), indent=1) + "\n")
 		self.partial.unlink(missing_ok=True)
+		self.save_routing()
 		return None
+
+	@property
+	def routing_png(self):
+		"""The committed plot of this run's routing over training (MoE variants)."""
+		return self.csv.with_name(f"seed{self.seed}.routing.png")
+
+	def save_routing(self):
+		"""
+		Draws the run's gate snapshots (upstream work_dir/gates, git-ignored and a few MB) as usage
+		share and entropy per expert against the update into `seed<N>.routing.png` and `.routing.md`
+		next to the CSV; returns the PNG path, or None for a run without snapshots (plain).
+		"""
+		gates = self.eval_csv.parent / "gates"
+		if not gates.is_dir():
+			return None
+		from tdmpc2_moe.gate_snapshots import load_snapshots, plot_training, training_table
+		snapshots = load_snapshots(str(gates))
+		self.routing_png.with_suffix(".md").write_text(training_table(snapshots) + "\n")
+		return plot_training(str(self.routing_png), snapshots)
 
 	def stop(self):
 		"""Stops a running process (its whole session) and keeps what it had evaluated as a partial CSV."""
@@ -216,12 +238,15 @@ def read_results(path):
 
 
 def plan(out, tasks, seeds, variants, steps, eval_freq, tdmpc2, settings=COMMON):
-	"""Returns the runs in launch order: per task, per seed, every variant (so seeds finish side by side)."""
+	"""
+	Returns the runs in launch order: per seed, per task, every variant, so that the variants of a
+	task finish side by side and a budget cut short still leaves every task with its first seed.
+	"""
 	for name in variants:
 		if name not in VARIANTS:
 			raise ValueError(f"variants: unknown variant {name!r}; variants are {list(VARIANTS)}")
 	return [Run(out, task, variant, seed, steps, eval_freq, tdmpc2, settings)
-			for task in tasks for seed in seeds for variant in variants]
+			for seed in seeds for task in tasks for variant in variants]
 
 
 def run_all(runs, jobs, poll_s=30.0, echo=print):
