@@ -9,15 +9,14 @@ Autograd path (eager vs torch.compile, with and without history): pytest benchma
 On a GPU: TDMPC2_MOE_BENCH_DEVICE=cuda (every timed call then ends with torch.cuda.synchronize()).
 """
 import functools
-import os
 
 import pytest
 import torch
 
+from bench_device import DEVICE, synced
 from tdmpc2_moe import GateHistory, topk_gate
 from tdmpc2_moe.reference import topk_gate_reference
 
-DEVICE = torch.device(os.environ.get("TDMPC2_MOE_BENCH_DEVICE", "cpu"))
 SHAPES = [(n, e, k) for n in (256, 512, 1536, 8192) for e in (4, 8, 16, 64) for k in (1, 2)]
 # Every graph below is a recompilation of the same code object (the reference), one per shape and mode;
 # past dynamo's default limit (8) the rest would silently run the reference eagerly and be timed as "compiled".
@@ -38,18 +37,6 @@ def _impl(name, n, e, k):
 	return _compiled_reference(n, e, k)
 
 
-def _synced(fn):
-	"""Returns fn, followed by a device synchronisation on CUDA (so the benchmark times the kernels, not their launch)."""
-	if DEVICE.type != "cuda":
-		return fn
-
-	def call(*args):
-		out = fn(*args)
-		torch.cuda.synchronize()
-		return out
-	return call
-
-
 def _forward_backward(fn, x):
 	gate = fn(x)
 	loss = gate.weights.sum() + gate.expert_prob_mean.square().sum() + gate.lse.sum()
@@ -68,11 +55,11 @@ def test_gating(benchmark, impl, mode, n, e, k):
 	if mode == "fwd":
 		x = torch.randn(n, e, device=DEVICE)
 		fn(x)  # compile / warm up outside the timing
-		benchmark(_synced(fn), x)
+		benchmark(synced(fn), x)
 	else:
 		x = torch.randn(n, e, device=DEVICE, requires_grad=True)
 		_forward_backward(fn, x)
-		benchmark(_synced(_forward_backward), fn, x)
+		benchmark(synced(_forward_backward), fn, x)
 
 
 @pytest.mark.parametrize("e", [64, 8])
@@ -90,7 +77,7 @@ def test_bandwidth(benchmark, impl, e):
 		moved = 2 * x.numel() * 4
 		fn = torch.clone
 	benchmark.extra_info.update(impl=impl, bytes=moved, e=e, device=str(DEVICE))
-	benchmark.pedantic(_synced(fn), (x,), rounds=15, warmup_rounds=2)
+	benchmark.pedantic(synced(fn), (x,), rounds=15, warmup_rounds=2)
 
 
 def _gate_loss(x, history):
@@ -119,7 +106,7 @@ def test_autograd_path(benchmark, path, history):
 		return torch.autograd.grad(fn(x, h), x)
 	step()
 	step()
-	benchmark(_synced(step))
+	benchmark(synced(step))
 
 
 def markdown_table(path):

@@ -17,6 +17,9 @@ path that CUDA and torch.compile run, here on the CPU) vs a plain mlp, dynamics 
 N = 256, 1536, 8192 rows, E = 4, 8, 16, k = 1, 2, training (forward + backward) and planning
 (no_grad forward): the measurements behind `dispatch.choose` ("auto"; see benchmarks/README.md section 5).
 
+On a GPU: TDMPC2_MOE_BENCH_DEVICE=cuda (blocks and inputs on that device, every timed call then ends
+with torch.cuda.synchronize(); see bench_device.py).
+
 Summarise a `--benchmark-json` file as the README tables with
 `python benchmarks/test_moe_block.py RESULTS.json`.
 """
@@ -29,6 +32,7 @@ import warnings
 import pytest
 import torch
 
+from bench_device import DEVICE, synced
 from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock, SimNorm, plain_mlp
 from tdmpc2_moe.dispatch import choose, group_by_expert, run_padded
 from tdmpc2_moe.moe import MoEBlock
@@ -61,17 +65,19 @@ def _head(variant, mlp_dim, n_experts, top_k):
 	args = (latent + ACTION_DIM, [mlp_dim, mlp_dim], latent, SimNorm())
 	torch.manual_seed(0)
 	if variant == "plain":
-		return plain_mlp(*args)
-	if variant == "leaky":
-		return LeakyMoEBlock(*args, n_experts=n_experts, top_k=top_k)
-	if variant == "leaky_fork":
-		return LeakyForkMoEBlock(*args, n_experts=n_experts)
-	if variant == "dense":
-		return MoEBlock(*args, n_experts=n_experts, top_k=n_experts)
-	if variant in ("fork", "fork_noortho"):
-		return MoEBlock(*args, n_experts=n_experts, top_k=n_experts, temperature=1.8, aux_coef=0.03, balance="kl",
+		head = plain_mlp(*args)
+	elif variant == "leaky":
+		head = LeakyMoEBlock(*args, n_experts=n_experts, top_k=top_k)
+	elif variant == "leaky_fork":
+		head = LeakyForkMoEBlock(*args, n_experts=n_experts)
+	elif variant == "dense":
+		head = MoEBlock(*args, n_experts=n_experts, top_k=n_experts)
+	elif variant in ("fork", "fork_noortho"):
+		head = MoEBlock(*args, n_experts=n_experts, top_k=n_experts, temperature=1.8, aux_coef=0.03, balance="kl",
 						shared_head=True, orthogonal=variant == "fork", target_entropy=0.75 * math.log(n_experts))
-	return MoEBlock(*args, n_experts=n_experts, top_k=top_k, history_rows=None if variant == "moe_nohist" else 65536)
+	else:
+		head = MoEBlock(*args, n_experts=n_experts, top_k=top_k, history_rows=None if variant == "moe_nohist" else 65536)
+	return head.to(DEVICE)
 
 
 def _step(head, variant, x):
@@ -84,7 +90,7 @@ def _step(head, variant, x):
 		def plan():
 			with torch.no_grad():
 				forward(x)
-		return plan
+		return synced(plan)
 
 	def train():
 		out = forward(x)
@@ -97,7 +103,7 @@ def _step(head, variant, x):
 			head.gate_history.clear()
 		if variant == "leaky_fork":
 			head.zero_aux_loss()   # the fork reset its accumulator after every update
-	return train
+	return synced(train)
 
 
 def _padded(block):
@@ -120,15 +126,17 @@ def test_dispatch(benchmark, mode, rows, n_experts, top_k, variant):
 	args = (latent + ACTION_DIM, [384, 384], latent, SimNorm())
 	torch.manual_seed(0)
 	if variant == "plain":
-		forward = plain_mlp(*args)
+		forward = plain_mlp(*args).to(DEVICE)
 	else:
 		block = MoEBlock(*args, n_experts=n_experts, top_k=top_k, history_rows=None,
-						 dispatch="sparse" if variant == "padded" else variant)
+						 dispatch="sparse" if variant == "padded" else variant).to(DEVICE)
 		forward = _padded(block) if variant == "padded" else block
-	x = torch.randn(rows, latent + ACTION_DIM, requires_grad=mode == "train")
+	x = torch.randn(rows, latent + ACTION_DIM, device=DEVICE, requires_grad=mode == "train")
 	benchmark.group = f"dispatch {mode} N={rows}"
-	benchmark.extra_info.update(variant=variant, mode=mode, rows=rows, n_experts=n_experts, top_k=top_k)
+	benchmark.extra_info.update(variant=variant, mode=mode, rows=rows, n_experts=n_experts, top_k=top_k,
+								device=str(DEVICE))
 
+	@synced
 	def step():
 		if mode == "plan":
 			with torch.no_grad():
@@ -140,11 +148,12 @@ def test_dispatch(benchmark, mode, rows, n_experts, top_k, variant):
 
 def _run(benchmark, variant, shape, mlp_dim, n_experts=None, top_k=None):
 	head = _head(variant, mlp_dim, n_experts, top_k)
-	x = torch.randn(SHAPES[shape], LATENT[mlp_dim] + ACTION_DIM, requires_grad=shape == "train")
+	x = torch.randn(SHAPES[shape], LATENT[mlp_dim] + ACTION_DIM, device=DEVICE, requires_grad=shape == "train")
 	benchmark.group = f"{shape} mlp_dim={mlp_dim}" + (f" E={n_experts} k={top_k}" if n_experts else "")
 	if variant in FORK_VARIANTS:
 		benchmark.group = f"fork {shape} mlp_dim={mlp_dim} E={n_experts}"
-	benchmark.extra_info.update(variant=variant, shape=shape, mlp_dim=mlp_dim, n_experts=n_experts, top_k=top_k)
+	benchmark.extra_info.update(variant=variant, shape=shape, mlp_dim=mlp_dim, n_experts=n_experts, top_k=top_k,
+								device=str(DEVICE))
 	benchmark.pedantic(_step(head, variant, x), rounds=7, iterations=1, warmup_rounds=1)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import assert_compiled_matches_eager
 from tdmpc2_moe.dispatch import choose, group_by_expert, run_grouped, run_padded, tile_rows
 from tdmpc2_moe.baselines import SimNorm
 from tdmpc2_moe.moe import MoEBlock
@@ -232,19 +233,7 @@ def _compile_and_compare(dispatch, backend):
 	torch.manual_seed(0)
 	block = MoEBlock(8, [16, 16], 4, n_experts=4, top_k=2, zloss_coef=0.01, dispatch=dispatch)
 	nn.init.normal_(block.gate.weight, std=1.0)
-	twin = copy.deepcopy(block)
-	compiled = torch.compile(twin, fullgraph=True, backend=backend)
-	for _ in range(2):
-		x = torch.randn(2, 16, 8)
-		eager = block(x)
-		eager.square().sum().backward()
-		out = compiled(x)
-		out.square().sum().backward()
-		torch.testing.assert_close(out, eager)
-		for (name, p), q in zip(block.named_parameters(), twin.parameters()):
-			torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
-	with torch.no_grad():
-		assert compiled(x).grad_fn is None
+	assert_compiled_matches_eager(block, backend)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (checks for device-to-host synchronisation)")
