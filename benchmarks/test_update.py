@@ -7,6 +7,8 @@ on the same heads, and the fork preset (`use_moe=true moe_preset=fork`: E=4 dens
 with a shared head on dynamics/reward) vs the fork's own MOORE layer re-implemented as it ran
 (`baselines.LeakyForkMoEBlock`: host list of gates, per-forward `.item()`, detached KL) in its place. Reports medians (pytest-benchmark) and, for updates,
 resident memory growth per 1,000 updates over the benchmarked rounds, scaled. Needs $TDMPC2_ROOT.
+On a GPU: TDMPC2_MOE_BENCH_DEVICE=cuda (the agent's `device` setting; every timed call then ends with
+torch.cuda.synchronize(); see bench_device.py).
 
 	TDMPC2_ROOT=/path/to/tdmpc2 UPDATE_BENCH_ROUNDS=20 python -m pytest benchmarks/test_update.py \
 		--benchmark-json=update.json
@@ -23,6 +25,7 @@ import psutil
 import pytest
 import torch
 
+from bench_device import DEVICE, synced
 from tdmpc2_moe import patching, upstream
 from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock
 from tdmpc2_moe.moe import MoEBlock
@@ -30,7 +33,7 @@ from tdmpc2_moe.moe import MoEBlock
 ROUNDS = int(os.environ.get("UPDATE_BENCH_ROUNDS", "200"))
 ACT_ROUNDS = int(os.environ.get("ACT_BENCH_ROUNDS", "5"))
 WARMUP = 20
-CFG = ["task=walker-walk", "model_size=1", "compile=false", "steps=100000", "device=cpu"]
+CFG = ["task=walker-walk", "model_size=1", "compile=false", "steps=100000", f"device={DEVICE}"]
 E4K2, E8K1 = ["moe_experts=4", "moe_top_k=2"], ["moe_experts=8", "moe_top_k=1"]
 NO_MONITOR = "monitor_mem_interval=0"
 VARIANTS = {
@@ -165,10 +168,10 @@ def test_update_step(benchmark, variant, root, monkeypatch):
 		agent.update(buffer)
 	before = _resident_mb()
 	benchmark.group = "update"
-	benchmark.pedantic(agent.update, args=(buffer,), rounds=ROUNDS, iterations=1)
+	benchmark.pedantic(synced(agent.update), args=(buffer,), rounds=ROUNDS, iterations=1)
 	growth = _resident_mb() - before
 	benchmark.extra_info.update(variant=variant, rss_mb_per_1000_updates=growth * 1000 / ROUNDS, rounds=ROUNDS,
-								threads=torch.get_num_threads(), batch_size=agent.cfg.batch_size)
+								threads=torch.get_num_threads(), batch_size=agent.cfg.batch_size, device=str(DEVICE))
 	patching.unpatch()
 
 
@@ -180,6 +183,7 @@ def test_act(benchmark, variant, root, monkeypatch):
 		agent.update(buffer)
 	obs = torch.randn(24, generator=torch.Generator().manual_seed(0))
 
+	@synced
 	def act():
 		agent.act(obs, t0=True)
 		for block in agent.model.modules():
@@ -188,7 +192,7 @@ def test_act(benchmark, variant, root, monkeypatch):
 				block.gate_history.clear()
 	benchmark.group = "act"
 	benchmark.pedantic(act, rounds=ACT_ROUNDS, iterations=1, warmup_rounds=1)
-	benchmark.extra_info.update(variant=variant, threads=torch.get_num_threads(),
+	benchmark.extra_info.update(variant=variant, threads=torch.get_num_threads(), device=str(DEVICE),
 								num_samples=agent.cfg.num_samples, iterations=agent.cfg.iterations)
 	patching.unpatch()
 
@@ -203,7 +207,7 @@ def test_bookkeeping_alone(benchmark, root, monkeypatch):
 	def bookkeeping():
 		patching.moe_metrics(agent.model, rows)
 		agent.memory_monitor.step()
-	benchmark.pedantic(bookkeeping, rounds=ROUNDS * 5, iterations=1)
+	benchmark.pedantic(synced(bookkeeping), rounds=ROUNDS * 5, iterations=1)
 	patching.unpatch()
 
 

@@ -134,7 +134,7 @@ for suite in moe_block update; do
 		continue
 	fi
 	step "bench_$suite" 120 "$OUT/bench.log" "$PY -m pytest --collect-only -q -p no:cacheprovider benchmarks/test_$suite.py | tail -1" -- \
-		bash -c "TDMPC2_MOE_BENCH_DEVICE=cuda $PY -m pytest benchmarks/test_$suite.py $BENCH --benchmark-json=$OUT/$suite.json"
+		bash -c "TDMPC2_MOE_BENCH_DEVICE=cuda UPDATE_BENCH_ROUNDS=${UPDATE_BENCH_ROUNDS:-50} $PY -m pytest benchmarks/test_$suite.py $BENCH --benchmark-json=$OUT/$suite.json"
 done
 
 note "result: $([ $FAILED = 0 ] && echo all steps passed || echo some steps FAILED)"
