@@ -1,7 +1,8 @@
 """
 CUDA-only behaviour of topk_gate and GateHistory: device checks with real CUDA tensors, bit-identical
 statistics, streams other than the default, CUDA-graph capture and replay of forward + history +
-backward, and the ring under torch.compile (written in place, never cloned per call). Skipped, with
+backward, the ring under torch.compile (written in place, never cloned per call), and the adaptive
+temperature under torch.compile's CUDA graphs (mode="reduce-overhead"). Skipped, with
 the reason, where there is no GPU or the extension has no CUDA kernels; scripts/gpu_check.sh runs them.
 """
 import pytest
@@ -126,3 +127,30 @@ def test_ring_is_written_in_place_under_torch_compile():
 	ring_bytes = capacity * e * 4
 	assert torch.cuda.max_memory_allocated() - before < ring_bytes // 4
 	assert history.ring.data_ptr() == ring_ptr and history.total == 13 * 256
+
+
+def test_adaptive_temperature_steps_under_cuda_graphs_of_torch_compile():
+	# Upstream compiles its update with mode="reduce-overhead" (CUDA graphs) when compile=true. The
+	# adaptive temperature binds a new tau tensor each training forward: every replay must read the
+	# tau of the step before and move it, as the eager block does.
+	import copy
+	import math
+	from tdmpc2_moe.moe import MoEBlock
+	torch._dynamo.reset()
+	torch.manual_seed(0)
+	block = MoEBlock(16, [32, 32], 16, n_experts=4, top_k=4, balance="kl", shared_head=True, orthogonal=True,
+					 temperature=1.8, target_entropy=0.75 * math.log(4), temperature_rate=0.1).cuda()
+	twin = copy.deepcopy(block)
+	compiled = torch.compile(twin, mode="reduce-overhead")
+	taus = []
+	for _ in range(6):
+		x = torch.randn(64, 16, device="cuda")
+		block(x).square().sum().backward()
+		compiled(x).square().sum().backward()
+		torch.cuda.synchronize()
+		taus.append(block.stats()["temperature"].item())
+		assert twin.stats()["temperature"].item() == pytest.approx(taus[-1], abs=1e-6)
+	assert len(set(round(t, 6) for t in taus)) > 1, "the temperature never moved"
+	for (name, p), q in zip(block.named_parameters(), twin.parameters()):
+		torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+	torch._dynamo.reset()

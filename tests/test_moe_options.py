@@ -255,6 +255,28 @@ def test_temperature_frozen_during_freeze_and_only_training_forwards_count():
 	assert block.stats()["temperature"].item() < 1.5
 
 
+def test_backward_uses_the_forwards_tau():
+	# The forward moves tau before backward runs: the gradients must still be those of the forward's
+	# tau, i.e. equal a block whose tau is frozen, eagerly and compiled.
+	torch.manual_seed(0)
+	moving = _adaptive(0.2, temperature=1.5, rate=0.3, gate_std=0.5)
+	torch.manual_seed(0)
+	frozen = _adaptive(0.2, temperature=1.5, rate=0.3, freeze=10 ** 6, gate_std=0.5)
+	x = torch.randn(64, 8)
+	_train_forward(moving, x)
+	_train_forward(frozen, x)
+	assert moving.stats()["temperature"].item() != 1.5 and frozen.stats()["temperature"].item() == 1.5
+	for (name, p), q in zip(moving.named_parameters(), frozen.parameters()):
+		torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+	for backend in ("eager", "aot_eager"):
+		torch.manual_seed(0)
+		moving = _adaptive(0.2, temperature=1.5, rate=0.3, gate_std=0.5)
+		torch.compile(moving, fullgraph=True, backend=backend)(x).square().mean().backward()
+		assert moving.stats()["temperature"].item() != 1.5
+		for (name, p), q in zip(moving.named_parameters(), frozen.parameters()):
+			torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"{backend} {name}: {m}")
+
+
 def test_temperature_and_freeze_count_survive_save_and_load():
 	block = _adaptive(0.2, temperature=1.5, rate=0.1, freeze=2)
 	x = torch.randn(64, 8)
