@@ -1,4 +1,7 @@
-"""MoEBlock: values and gradients against a plain-PyTorch MoE built on the reference gate, drop-in behaviour, aux loss."""
+"""
+MoEBlock: values and gradients against a plain-PyTorch MoE built on the reference gate, drop-in
+behaviour, aux loss. The tests taking `on_device` run on cuda too where there is a GPU (gpu_check.sh).
+"""
 import gc
 import math
 import warnings
@@ -36,7 +39,7 @@ def plain_moe(block, x):
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_expert"])
 @pytest.mark.parametrize("n_experts,top_k,act", [(4, 2, None), (8, 1, None), (4, 4, SimNorm()), (3, 2, SimNorm())])
-def test_values_and_gradients_match_plain_moe_in_float64(n_experts, top_k, act, batched):
+def test_values_and_gradients_match_plain_moe_in_float64(n_experts, top_k, act, batched, on_device):
 	torch.manual_seed(0)
 	block = MoEBlock(12, [32, 24], 16, act=act, n_experts=n_experts, top_k=top_k, temperature=0.7,
 					 aux_coef=0.5, zloss_coef=0.1, history_rows=None).double()
@@ -62,7 +65,7 @@ def test_values_and_gradients_match_plain_moe_in_float64(n_experts, top_k, act, 
 		torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_batched_and_per_expert_paths_agree():
+def test_batched_and_per_expert_paths_agree(on_device):
 	torch.manual_seed(0)
 	block = MoEBlock(6, [16, 16], 5, n_experts=4, top_k=2)
 	x = torch.randn(30, 6)
@@ -72,7 +75,7 @@ def test_batched_and_per_expert_paths_agree():
 	torch.testing.assert_close(block.experts(x), torch.stack([block._expert(x, e) for e in range(4)]))
 
 
-def test_any_leading_shape():
+def test_any_leading_shape(on_device):
 	torch.manual_seed(0)
 	block = MoEBlock(6, 16, 5, n_experts=4, top_k=2)
 	x = torch.randn(3, 7, 6)
@@ -175,7 +178,7 @@ def test_no_grad_keeps_nothing_and_still_logs_aux():
 	assert block.history.total == 16 * 202
 
 
-def test_stats_are_device_tensors_with_and_without_history():
+def test_stats_are_device_tensors_with_and_without_history(on_device):
 	torch.manual_seed(0)
 	for rows in (128, None):
 		block = MoEBlock(8, [16], 4, n_experts=4, top_k=2, history_rows=rows)
@@ -191,14 +194,14 @@ def test_stats_are_device_tensors_with_and_without_history():
 	assert block.history is None
 
 
-def test_history_records_every_routed_row():
+def test_history_records_every_routed_row(on_device):
 	block = MoEBlock(8, [16], 4, n_experts=4, top_k=2, history_rows=100)
 	with torch.no_grad():
 		block(torch.randn(3, 10, 8))
 	snap = block.history.snapshot()
 	assert snap.shape == (30, 4)
 	assert ((snap > 0).sum(-1) == 2).all()
-	torch.testing.assert_close(snap.sum(-1), torch.ones(30))
+	torch.testing.assert_close(snap.sum(-1), torch.ones(30, device=snap.device))
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "per_expert"])
