@@ -2,7 +2,8 @@
 Routing over training: every `gate_snapshot_interval` updates a patched agent copies each MoE head's
 gate ring to the host once and writes it, with its statistics, to `work_dir/gates/step_<update>.npz`
 plus a PNG (weights heatmap and routing entropy over the snapshot, as the fork's plot_expert_gating
-drew them). `tdmpc2-moe analyze DIR` reads those files back and plots usage share per expert and
+drew them). `tdmpc2-moe analyze DIR` reads those files back and plots usage share per expert (the
+routing-weight share for a head that routes densely, where usage is 1/E by construction) and
 entropy against the update step, per head.
 
 The host copy happens in the update that reaches the interval (the ring is overwritten after it);
@@ -131,18 +132,34 @@ def load_snapshots(directory):
 
 
 def training_table(snapshots):
-	"""Returns a markdown table: per snapshot and head, the entropy, the largest usage share and each expert's usage."""
-	lines = ["| update | head | entropy (nats) | max usage | usage per expert | temperature |", "|---|---|---|---|---|---|"]
+	"""
+	Returns a markdown table: per snapshot and head, the entropy, the largest usage share, each
+	expert's usage (share of routing slots) and mean routing weight, and the temperature.
+	"""
+	lines = ["| update | head | entropy (nats) | max usage | usage per expert | mean weight per expert | temperature |",
+			 "|---|---|---|---|---|---|---|"]
 	for step, heads in snapshots:
 		for head, a in heads.items():
 			usage = " ".join(f"{u:.2f}" for u in a["usage"])
+			weight = " ".join(f"{w:.3f}" for w in a["mean_weight"])
 			lines.append(f"| {step} | {head} | {float(a['entropy']):.3f} | {float(np.max(a['usage'])):.2f} | {usage} "
-						 f"| {float(a['temperature']):.3f} |")
+						 f"| {weight} | {float(a['temperature']):.3f} |")
 	return "\n".join(lines)
 
 
+def _routes_densely(arrays):
+	"""Returns whether every stored routing vector of a head weights every expert (top_k == E, as the fork preset)."""
+	weights = arrays["weights"]
+	return weights.size > 0 and bool((weights > 0).all())
+
+
 def plot_training(path, snapshots):
-	"""Draws, per head, usage share per expert (stacked areas) and mean routing entropy against the update step."""
+	"""
+	Draws, per head, the share per expert (stacked areas) and the mean routing entropy against the
+	update step. The share is the usage (share of routing slots) for a top-k head; for a head that
+	routes densely (every expert on every row) the usage is 1/E by construction, so its panel shows
+	the share of routing weight instead.
+	"""
 	from matplotlib.figure import Figure
 
 	steps = np.array([s for s, _ in snapshots])
@@ -151,10 +168,12 @@ def plot_training(path, snapshots):
 	axes = fig.subplots(len(heads), 2, squeeze=False)
 	fig.suptitle("routing over training (gate snapshots)")
 	for (area, ent), head in zip(axes, heads):
-		usage = np.stack([h[head]["usage"] for _, h in snapshots if head in h], axis=1)
-		area.stackplot(steps, usage, labels=[f"expert {i}" for i in range(usage.shape[0])])
-		area.set(title=f"{head}: usage share per expert", xlabel="update", ylabel="share", ylim=(0, 1))
-		area.legend(fontsize="small", loc="upper left", ncols=min(usage.shape[0], 4))
+		dense = _routes_densely(snapshots[-1][1][head])
+		key, what = ("mean_weight", "routing weight share (dense)") if dense else ("usage", "usage share")
+		share = np.stack([h[head][key] for _, h in snapshots if head in h], axis=1)
+		area.stackplot(steps, share, labels=[f"expert {i}" for i in range(share.shape[0])])
+		area.set(title=f"{head}: {what} per expert", xlabel="update", ylabel="share", ylim=(0, 1))
+		area.legend(fontsize="small", loc="upper left", ncols=min(share.shape[0], 4))
 		ent.plot(steps, [float(h[head]["entropy"]) for _, h in snapshots if head in h], marker="o")
 		ent.set(title=f"{head}: mean routing entropy", xlabel="update", ylabel="nats")
 	fig.savefig(path, dpi=90)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tdmpc2_moe.cli import main as cli_main
-from tdmpc2_moe.gate_snapshots import SNAPSHOT_ROWS, GateSnapshots, load_snapshots, ring_statistics, training_table
+from tdmpc2_moe.gate_snapshots import (SNAPSHOT_ROWS, GateSnapshots, _routes_densely, load_snapshots, ring_statistics,
+									   training_table)
 from tdmpc2_moe.moe import MoEBlock
 
 
@@ -55,6 +56,26 @@ def test_analyze_dir_reproduces_its_table_and_plot_from_the_files(tmp_path, caps
 	assert table.strip() == training_table(load_snapshots(str(tmp_path / "run"))).strip()
 	assert table.count("| dynamics |") == 3 and (out / "routing_over_training.png").stat().st_size > 10_000
 	assert table in capsys.readouterr().out + "\n"
+
+
+def test_dense_heads_are_told_apart_and_the_table_has_the_weight_share(tmp_path):
+	# A dense head (top_k == E, the fork preset) uses every expert on every row: its usage is 1/E by
+	# construction, so the plot shows its weight share; the table has both for every head.
+	torch.manual_seed(0)
+	blocks = {"dynamics": MoEBlock(6, [16], 5, n_experts=4, top_k=4, history_rows=500),
+			  "reward": MoEBlock(6, [16], 3, n_experts=4, top_k=2, history_rows=500)}
+	snapshots = GateSnapshots(1, tmp_path / "gates")
+	for block in blocks.values():
+		block(torch.randn(100, 6))
+	snapshots.step(blocks)
+	snapshots.wait()
+	(step, heads), = load_snapshots(str(tmp_path))
+	assert _routes_densely(heads["dynamics"]) and not _routes_densely(heads["reward"])
+	np.testing.assert_allclose(heads["dynamics"]["usage"], 0.25)
+	row = next(line for line in training_table([(step, heads)]).splitlines() if "| dynamics |" in line)
+	weights = [float(w) for w in row.split("|")[6].split()]
+	np.testing.assert_allclose(weights, heads["dynamics"]["mean_weight"], atol=5e-4)
+	assert abs(sum(weights) - 1) < 2e-3
 
 
 def test_analyze_dir_without_snapshots_says_so(tmp_path, capsys):
