@@ -79,10 +79,17 @@ SPARSE_MIN_ROWS_NARROW = 64
 PADDED_MIN_ROWS_GRAD = 1024
 
 
-def _combine(y, grouping, n_rows):
-	"""Returns sum over slots of weight * expert output, per row: [n_rows, out] (one index_add)."""
+def _combine(y, rows, weights, n_rows):
+	"""Returns, per row, the sum over its slots of weight * expert output `y`: [n_rows, out] (one index_add)."""
 	out = y.new_zeros(n_rows, y.shape[1])
-	return out.index_add(0, grouping.rows, y * grouping.weights.to(y.dtype).unsqueeze(1))
+	return out.index_add(0, rows, y * weights.to(y.dtype).unsqueeze(1))
+
+
+def run_expert(layers, views, x, e):
+	"""Returns expert `e`'s output for its rows `x` [N, in]: `layers` (ExpertLinear) with their `expert_views`."""
+	for layer, v in zip(layers, views):
+		x = layer.forward_with(x, *v[e])
+	return x
 
 
 def run_grouped(layers, x, grouping):
@@ -95,14 +102,8 @@ def run_grouped(layers, x, grouping):
 	"""
 	views = [layer.expert_views() for layer in layers]
 	chunks = x.index_select(0, grouping.rows).tensor_split(torch.cumsum(grouping.counts, 0)[:-1])
-	outs = []
-	for e, h in enumerate(chunks):
-		if h.shape[0] == 0:
-			continue
-		for layer, v in zip(layers, views):
-			h = layer.forward_with(h, *v[e])
-		outs.append(h)
-	return _combine(torch.cat(outs), grouping, x.shape[0])
+	outs = [run_expert(layers, views, h, e) for e, h in enumerate(chunks) if h.shape[0]]
+	return _combine(torch.cat(outs), grouping.rows, grouping.weights, x.shape[0])
 
 
 def tile_rows(slots, n_experts):
@@ -142,6 +143,4 @@ def run_padded(layers, x, grouping, n_experts):
 	h = torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, slot_rows).view(n_tiles, tile, x.shape[1])
 	for layer in layers:
 		h = layer.forward_tiles(h, tile_expert)
-	y = h.reshape(n_tiles * tile, h.shape[-1])
-	slots = Grouping(slot_rows, slot_weights, None, None)
-	return _combine(y, slots, n + 1)[:n]
+	return _combine(h.reshape(n_tiles * tile, h.shape[-1]), slot_rows, slot_weights, n + 1)[:n]

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from .checks import DISPATCHES, check_int, check_number
-from .dispatch import choose, group_by_expert, run_grouped, run_padded, static_path
+from .dispatch import choose, group_by_expert, run_expert, run_grouped, run_padded, static_path
 from .experts import ExpertLinear
 from .history import GateHistory, routing_entropy
 from .moe_options import AdaptiveTemperature, SharedLinear, check_options, kl_to_uniform
@@ -132,10 +132,7 @@ class MoEBlock(nn.Module):
 		return self.batched if self.batched is not None else x.device.type != "cpu"
 
 	def _expert(self, x, e, views=None):
-		views = views or [layer.expert_views() for layer in self.expert_layers]
-		for layer, v in zip(self.expert_layers, views):
-			x = layer.forward_with(x, *v[e])
-		return x
+		return run_expert(self.expert_layers, views or [layer.expert_views() for layer in self.expert_layers], x, e)
 
 	def experts(self, x):
 		"""
