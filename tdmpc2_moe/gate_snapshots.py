@@ -180,12 +180,16 @@ def plot_training(path, snapshots):
 	return path
 
 
-def write_training_report(directory, out_dir):
-	"""Prints the training table and writes it and `routing_over_training.png` to `out_dir`; returns the written paths."""
+def write_training_report(directory, out_dir, name="routing_over_training", echo=print):
+	"""
+	Writes the training table of the snapshots in `directory` to `out_dir`/`name`.md and its plot to
+	`name`.png, passing the table to `echo` (None: silent); returns the written paths [md, png].
+	"""
 	snapshots = load_snapshots(directory)
 	table = training_table(snapshots)
-	print(table)
-	summary = os.path.join(out_dir, "routing_over_training.md")
+	if echo is not None:
+		echo(table)
+	summary = os.path.join(out_dir, f"{name}.md")
 	with open(summary, "w") as f:
 		f.write(table + "\n")
-	return [summary, plot_training(os.path.join(out_dir, "routing_over_training.png"), snapshots)]
+	return [summary, plot_training(os.path.join(out_dir, f"{name}.png"), snapshots)]

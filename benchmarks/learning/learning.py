@@ -179,10 +179,9 @@ class Run:
 		gates = self.eval_csv.parent / "gates"
 		if not gates.is_dir():
 			return None
-		from tdmpc2_moe.gate_snapshots import load_snapshots, plot_training, training_table
-		snapshots = load_snapshots(str(gates))
-		self.routing_png.with_suffix(".md").write_text(training_table(snapshots) + "\n")
-		return plot_training(str(self.routing_png), snapshots)
+		from tdmpc2_moe.gate_snapshots import write_training_report
+		_, png = write_training_report(str(gates), str(self.csv.parent), self.routing_png.stem, echo=None)
+		return png
 
 	def stop(self):
 		"""Stops a running process (its whole session) and keeps what it had evaluated as a partial CSV."""
