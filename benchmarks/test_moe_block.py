@@ -5,7 +5,7 @@ forward); mlp_dim 384 (model_size 1, latent 128) and 512 (model_size 5, latent 5
 k = 1, 2. Variants: `moe` (history on), `moe_nohist` (history_rows=None), `experts` (only the
 experts' batched matmuls, no gate or combine), `leaky`, and `plain` (one mlp, no experts).
 
-The fork's model (DESIGN.md 5a), dense over E = 4, 8 experts: `dense` (MoEBlock, top_k = E, no
+The fork's model (docs/design.md 5a), dense over E = 4, 8 experts: `dense` (MoEBlock, top_k = E, no
 other option), `fork` (MoEBlock with the fork preset's options: KL balance, shared head, orthogonal,
 adaptive temperature, history on), `fork_noortho` (the same without `orthogonal`: what the
 orthonormalisation costs) and `leaky_fork` (`baselines.LeakyForkMoEBlock`, the fork's layer as

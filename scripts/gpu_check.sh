@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a machine with an NVIDIA GPU and its own torch (DESIGN.md 10). Run from anywhere:
+# The one command for a machine with an NVIDIA GPU and its own torch (docs/design.md 10). Run from anywhere:
 #   scripts/gpu_check.sh            # everything, results under $OUT (default: ./gpu_check_out)
 #   scripts/gpu_check.sh --dry-run  # no GPU needed: checks every step's inputs and prints its command
 # Steps: build the CUDA extension in place against the torch already installed (no pip, no network);

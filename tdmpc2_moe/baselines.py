@@ -1,5 +1,5 @@
 """
-Measurement baselines, not API: the fork-style MoE block this package replaces (DESIGN.md sec. 1),
+Measurement baselines, not API: the fork-style MoE block this package replaces (docs/design.md 1),
 re-implemented to measure against -- a Python list of host copies of every gate, an aux-loss
 accumulator nothing resets, optionally the fork's patch-up fix -- and a plain TD-MPC2-shaped mlp.
 Used by `tdmpc2-moe demo`, tests and benchmarks (installed, because `demo` needs them).
@@ -152,7 +152,7 @@ class LeakyMoEBlock(nn.Module):
 		return sum(t.numel() * t.element_size() for t in self.gate_history)
 
 
-# The fork's own model (seed 000's "MooreTDMPC" MoE layer, DESIGN.md 5a), re-implemented the way the
+# The fork's own model (seed 000's "MooreTDMPC" MoE layer, docs/design.md 5a), re-implemented the way the
 # fork ran it, to measure `moe_preset=fork` against: experts as separate modules run one after the
 # other on copies of the input, classical Gram-Schmidt, a dense softmax gate on the input (or the task
 # columns) plus the temperature as an extra gate input, a shared NormedLinear head, and the fork's

@@ -1,6 +1,6 @@
 """
 Crash-safe checkpoints of an upstream TD-MPC2 online training run, and resuming from them
-(DESIGN.md 12; `tdmpc2-moe train checkpoint_interval=N [checkpoint_buffer=true] [resume=true]`).
+(docs/design.md 12; `tdmpc2-moe train checkpoint_interval=N [checkpoint_buffer=true] [resume=true]`).
 
 A checkpoint is `work_dir/checkpoints/latest.pt`, written atomically (`atomic_save`: temporary file,
 fsync, rename, fsync of the directory), so a process killed at any moment leaves either the previous

@@ -1,5 +1,5 @@
 """
-Sparse expert dispatch for MoEBlock (DESIGN.md 5b): run only each row's top-k experts.
+Sparse expert dispatch for MoEBlock (docs/design.md 5b): run only each row's top-k experts.
 
 The N*k routing slots (row r's j-th choice is slot r*k + j) are grouped per expert from the gate's
 `indices` with torch ops: a stable argsort of the slots' expert ids gives the permutation, a

@@ -29,7 +29,7 @@ class MoEBlock(nn.Module):
 	E experts with upstream's layer structure (NormedLinear hidden layers with dropout on the first,
 	a plain last Linear or a NormedLinear with `act`), a linear gate on the block input, `topk_gate`,
 	and the top-k weighted sum of the expert outputs.
-	`dispatch` (DESIGN.md 5b): "dense" computes every expert on every row and combines with a dense
+	`dispatch` (docs/design.md 5b): "dense" computes every expert on every row and combines with a dense
 	[N, E] routing matrix (static shapes: CUDA graphs, torch.compile); "sparse" runs only each row's
 	top-k experts, grouped per expert (dispatch.py: exact groups on the CPU in eager mode, padded
 	static shapes on CUDA and under torch.compile), same values and gradients; "auto" (default) picks
@@ -42,7 +42,7 @@ class MoEBlock(nn.Module):
 	of the same stacked weights (False; on CPU, BLAS GEMMs with a fused LayerNorm measured faster than
 	bmm with a separate per-expert affine). None (default): batched except on CPU.
 
-	The fork's model (DESIGN.md 5a; helpers in moe_options.py), keyword-only, off by default:
+	The fork's model (docs/design.md 5a; helpers in moe_options.py), keyword-only, off by default:
 	`balance="kl"` balances with `aux_coef * KL(uniform || expert_prob_mean)` instead of the Switch
 	term; `shared_head=True` makes the experts the hidden layers only and runs one shared last layer
 	after the mix; `orthogonal=True` orthonormalises each row's E mixed feature vectors (Gram-Schmidt

@@ -1,8 +1,8 @@
 """
-The parts of MoEBlock behind its fork options (DESIGN.md 5a; the model of the TD-MPC2 fork users come
+The parts of MoEBlock behind its fork options (docs/design.md 5a; the model of the TD-MPC2 fork users come
 from, with MOORE-style orthogonal experts): argument checks, the shared last layer, the KL-to-uniform
 balance term and the adaptive temperature. MoEBlock (moe.py) wires them in; with its defaults none of
-them is built and the block is the plain top-k MoE of DESIGN.md 5.
+them is built and the block is the plain top-k MoE of docs/design.md 5.
 """
 import math
 from collections.abc import Sequence

@@ -154,7 +154,7 @@ if _HAVE_C:
 	torch.library.register_fake("tdmpc2_moe::topk_gate_backward", _backward_fake)
 
 
-# --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
+# --- Orthonormalisation of expert features (MOORE-style experts, docs/design.md 5a) ---------------------
 # Kept apart from the gating code above. A compiled op (csrc/ortho_row.h, its autograd in C++) when the
 # extension is built, the plain-PyTorch reference otherwise; benchmarks/test_orthonormalize.py measures
 # both against torch.compile of the reference and against a MoEBlock update with the fork's options.

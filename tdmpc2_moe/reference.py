@@ -86,7 +86,7 @@ def topk_gate_backward_reference(grad_weights, grad_prob_mean, grad_lse, logits,
 	return (g_x / temperature).to(logits.dtype)
 
 
-# --- Orthonormalisation of expert features (MOORE-style experts, DESIGN.md 5a) ---------------------
+# --- Orthonormalisation of expert features (MOORE-style experts, docs/design.md 5a) ---------------------
 
 ORTHONORMALIZE_EPS = 1e-4
 """Default residual-norm floor of `orthonormalize`: well above float32 rounding noise for features of

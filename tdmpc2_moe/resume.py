@@ -1,6 +1,6 @@
 """
 Training with crash-safe checkpoints and resume (`tdmpc2-moe train checkpoint_interval=N
-[checkpoint_buffer=true] [resume=true]`, DESIGN.md 12); the files themselves are checkpoint.py.
+[checkpoint_buffer=true] [resume=true]`, docs/design.md 12); the files themselves are checkpoint.py.
 
 Checkpoints are written at episode ends: upstream's environments cannot be saved mid-episode, so
 `checkpoint_interval=N` writes at the first episode end at least N steps after the previous one.

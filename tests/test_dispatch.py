@@ -1,5 +1,5 @@
 """
-Sparse expert dispatch (DESIGN.md 5b): sparse equals dense in values and gradients for every block
+Sparse expert dispatch (docs/design.md 5b): sparse equals dense in values and gradients for every block
 option, both sparse paths (exact groups, padded static shapes), empty experts, tied weights, NaN
 rows, empty batches, the "auto" rule's refusals, torch.compile, and a patched TD-MPC2 agent.
 """

@@ -1,5 +1,5 @@
 """
-moe_preset=fork and the fork-model settings on the TD-MPC2 side (DESIGN.md 5a, 6): resolution (a key
+moe_preset=fork and the fork-model settings on the TD-MPC2 side (docs/design.md 5a, 6): resolution (a key
 set explicitly wins over the preset), validation, the structure patch() builds on a real upstream
 checkout, single-task and multitask, and checkpoints that name the settings they disagree on.
 """

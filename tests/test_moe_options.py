@@ -1,5 +1,5 @@
 """
-MoEBlock's fork options (DESIGN.md 5a): each against a plain-PyTorch model of the fork's computation
+MoEBlock's fork options (docs/design.md 5a): each against a plain-PyTorch model of the fork's computation
 written here from the block's parameters (values and gradients), the KL balance term training the gate,
 the adaptive temperature (direction, bounds, freeze, train-only, checkpoints, torch.compile), defaults.
 """
