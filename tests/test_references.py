@@ -3,6 +3,7 @@ Every document the repository's code and docs cite exists: a reader who clones t
 follow each `docs/<name>.md` (and other repository-relative `.md`) reference, and each
 "docs/design.md N" section number names a heading of docs/design.md.
 """
+import functools
 import re
 from pathlib import Path
 
@@ -15,29 +16,32 @@ MD_PATH = re.compile(r"(?<![\w./-])((?:docs|benchmarks|tests|scripts|patches)/[\
 DESIGN_SECTION = re.compile(r"docs/design\.md (?:sec\. )?(\d+[a-z]?)")
 
 
-def _source_files():
+@functools.cache
+def _source_texts():
+	"""Returns (path relative to the repository, text) of every source file, read once for all tests."""
+	paths = []
 	for name in SOURCES:
 		path = REPO / name
 		if path.is_file():
-			yield path
+			paths.append(path)
 		elif path.is_dir():
-			yield from (p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+			paths.extend(p for p in sorted(path.rglob("*")) if p.suffix in SUFFIXES and p.is_file())
+	return tuple((str(p.relative_to(REPO)), p.read_text(errors="replace")) for p in paths)
 
 
 def test_no_reference_to_the_brief_outside_the_repository():
 	"""The brief (the upper-case design file) is not in the repository; code cites docs/design.md instead."""
 	brief = "DESIGN" + ".md"  # spelled in two parts so this file does not cite it
-	offenders = [str(p.relative_to(REPO)) for p in _source_files()
-				 if brief in p.read_text(errors="replace") and p != Path(__file__).resolve()]
+	offenders = [name for name, text in _source_texts() if brief in text]
 	assert offenders == []
 
 
 def test_every_cited_markdown_file_exists():
 	missing = []
-	for path in _source_files():
-		for ref in MD_PATH.findall(path.read_text(errors="replace")):
+	for name, text in _source_texts():
+		for ref in MD_PATH.findall(text):
 			if not (REPO / ref).is_file():
-				missing.append(f"{path.relative_to(REPO)} -> {ref}")
+				missing.append(f"{name} -> {ref}")
 	assert missing == []
 
 
@@ -45,8 +49,8 @@ def test_design_section_numbers_exist():
 	headings = set(re.findall(r"^#{2,3} (\d+[a-z]?)\.", (REPO / "docs/design.md").read_text(), re.M))
 	assert {"1", "3a", "5a", "5b", "12", "17"} <= headings
 	unknown = []
-	for path in _source_files():
-		for section in DESIGN_SECTION.findall(path.read_text(errors="replace")):
+	for name, text in _source_texts():
+		for section in DESIGN_SECTION.findall(text):
 			if section not in headings:
-				unknown.append(f"{path.relative_to(REPO)} -> docs/design.md {section}")
+				unknown.append(f"{name} -> docs/design.md {section}")
 	assert unknown == []
