@@ -51,7 +51,8 @@ def training_forwards_per_update(head, cfg):
 	"""
 	Returns how many training forwards (grad enabled) `head` runs in one upstream update: the dynamics
 	head once per step of the `horizon`-step latent rollout, every other head once. Used to express
-	`moe_temperature_freeze`, counted by the block in training forwards, in updates.
+	`moe_temperature_freeze`, counted by the block in training forwards, in updates
+	(moe_temperature_freeze_unit=updates).
 	"""
 	return int(cfg.horizon) if head == "dynamics" else 1
 
@@ -72,7 +73,8 @@ def task_columns(head, in_dim, cfg):
 def block_options(settings, head, in_dim, cfg):
 	"""Returns the MoEBlock keyword arguments of MoE head `head` with input width `in_dim` in the model of `cfg`."""
 	kwargs = settings.block_kwargs()
-	kwargs["temperature_freeze"] *= training_forwards_per_update(head, cfg)
+	if settings.moe_temperature_freeze_unit == "updates":
+		kwargs["temperature_freeze"] *= training_forwards_per_update(head, cfg)
 	if settings.moe_gate_input == "task":
 		kwargs["gate_dims"] = task_columns(head, in_dim, cfg)
 	return kwargs

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .checks import DISPATCHES, check_int, check_number
 from .dispatch import choose, group_by_expert, run_expert, run_grouped, run_padded, static_path
@@ -49,13 +50,18 @@ class MoEBlock(nn.Module):
 	in expert order, `ops.orthonormalize`); `gate_dims=(start, stop)` makes the gate read only those
 	input columns; `target_entropy` (nats) adapts the temperature, starting at `temperature`, after
 	each training forward (see `AdaptiveTemperature`; `temperature_bounds`, `temperature_rate`,
-	`temperature_freeze`). `top_k=n_experts` is the dense softmax gate.
+	`temperature_freeze`). `top_k=n_experts` is the dense softmax gate. Two more reproduce the fork's
+	network exactly: `last_norm=True` makes the last layer a NormedLinear (LayerNorm, then `act` or
+	Mish) even without `act` (the fork's reward head); `gate_offset=True` adds the gate's bias after the
+	division by the temperature, logits = W x / tau + b (what the fork's temperature column of its
+	bias-free gate amounts to), instead of (W x + b) / tau.
 	"""
 
 	def __init__(self, in_dim, mlp_dims, out_dim, act=None, dropout=0., *, n_experts=4, top_k=2,
 				 temperature=1.0, aux_coef=0.01, zloss_coef=0.0, history_rows=65536, balance="switch",
 				 shared_head=False, orthogonal=False, gate_dims=None, target_entropy=None,
-				 temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0, dispatch="auto"):
+				 temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0, dispatch="auto",
+				 last_norm=False, gate_offset=False):
 		super().__init__()
 		mlp_dims = [mlp_dims] if isinstance(mlp_dims, int) else list(mlp_dims)
 		for i, d in enumerate([in_dim, *mlp_dims, out_dim]):
@@ -74,7 +80,9 @@ class MoEBlock(nn.Module):
 			in_dim=in_dim, mlp_dims=mlp_dims, out_dim=out_dim, n_experts=n_experts, top_k=top_k,
 			temperature=self.temperature, balance=balance, shared_head=shared_head, orthogonal=orthogonal,
 			gate_dims=gate_dims, target_entropy=target_entropy, temperature_bounds=temperature_bounds,
-			temperature_rate=temperature_rate, temperature_freeze=temperature_freeze)
+			temperature_rate=temperature_rate, temperature_freeze=temperature_freeze, last_norm=last_norm,
+			gate_offset=gate_offset)
+		self.last_norm, self.gate_offset = options["last_norm"], options["gate_offset"]
 		self.balance, self.shared_head = options["balance"], options["shared_head"]
 		if dispatch not in DISPATCHES:
 			raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
@@ -86,10 +94,11 @@ class MoEBlock(nn.Module):
 		dims = [in_dim, *mlp_dims, out_dim]
 		layers = [ExpertLinear(n_experts, dims[i], dims[i + 1], norm=True, dropout=dropout * (i == 0))
 				  for i in range(len(dims) - 2)]
+		last_is_normed = act is not None or self.last_norm
 		if shared_head:
-			layers.append(SharedLinear(dims[-2], dims[-1], norm=act is not None, act=act))
+			layers.append(SharedLinear(dims[-2], dims[-1], norm=last_is_normed, act=act))
 		else:
-			layers.append(ExpertLinear(n_experts, dims[-2], dims[-1], norm=act is not None, act=act))
+			layers.append(ExpertLinear(n_experts, dims[-2], dims[-1], norm=last_is_normed, act=act))
 		self.layers = nn.ModuleList(layers)
 		gate_in = in_dim if self.gate_dims is None else self.gate_dims[1] - self.gate_dims[0]
 		self.gate = nn.Linear(gate_in, n_experts)
@@ -153,7 +162,16 @@ class MoEBlock(nn.Module):
 		`target_entropy` is set). With `history` (a GateHistory) the routing is recorded there too.
 		"""
 		x = x.reshape(-1, self.in_dim)
-		logits = self.gate(x if self.gate_dims is None else x[:, self.gate_dims[0]:self.gate_dims[1]])
+		x = x if self.gate_dims is None else x[:, self.gate_dims[0]:self.gate_dims[1]]
+		if self.gate_offset:
+			# logits = W x / tau + b: the temperature scales the weights' part only.
+			logits = F.linear(x, self.gate.weight)
+			if self.adaptive_temperature is None:
+				logits = logits / self.temperature
+			else:
+				logits = self.adaptive_temperature.scale(logits)
+			return topk_gate(logits + self.gate.bias, self.top_k, history=history)
+		logits = self.gate(x)
 		if self.adaptive_temperature is None:
 			return topk_gate(logits, self.top_k, temperature=self.temperature, history=history)
 		return topk_gate(self.adaptive_temperature.scale(logits), self.top_k, history=history)
@@ -253,7 +271,7 @@ class MoEBlock(nn.Module):
 		rows = self.history.capacity if self.history is not None else None
 		options = "".join(f", {name}={getattr(self, name)!r}" for name, default in
 						  [("balance", "switch"), ("shared_head", False), ("orthogonal", False), ("gate_dims", None),
-						   ("dispatch", "auto")]
+						   ("dispatch", "auto"), ("last_norm", False), ("gate_offset", False)]
 						  if getattr(self, name) != default)
 		return f"n_experts={self.n_experts}, top_k={self.top_k}, temperature={self.temperature}, " \
 			f"aux_coef={self.aux_coef}, zloss_coef={self.zloss_coef}, history_rows={rows}{options}"

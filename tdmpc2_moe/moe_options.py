@@ -32,7 +32,8 @@ def _check_bool(name, value):
 
 
 def check_options(*, in_dim, mlp_dims, out_dim, n_experts, top_k, temperature, balance, shared_head,
-				  orthogonal, gate_dims, target_entropy, temperature_bounds, temperature_rate, temperature_freeze):
+				  orthogonal, gate_dims, target_entropy, temperature_bounds, temperature_rate, temperature_freeze,
+				  last_norm=False, gate_offset=False):
 	"""
 	Checks MoEBlock's fork options against each other and the block's shape; returns them normalised
 	(gate_dims and temperature_bounds as tuples, numbers as float). Raises ValueError naming the argument.
@@ -41,6 +42,8 @@ def check_options(*, in_dim, mlp_dims, out_dim, n_experts, top_k, temperature, b
 		raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
 	_check_bool("shared_head", shared_head)
 	_check_bool("orthogonal", orthogonal)
+	_check_bool("last_norm", last_norm)
+	_check_bool("gate_offset", gate_offset)
 	if shared_head and not mlp_dims:
 		raise ValueError("shared_head=True needs at least one hidden layer (mlp_dims is empty): the experts "
 						 "are the hidden layers and the last layer is shared")
@@ -74,7 +77,7 @@ def check_options(*, in_dim, mlp_dims, out_dim, n_experts, top_k, temperature, b
 							 f"temperature_bounds=({low}, {high})")
 	return dict(balance=balance, shared_head=shared_head, orthogonal=orthogonal, gate_dims=gate_dims,
 				target_entropy=target_entropy, temperature_bounds=(low, high), temperature_rate=temperature_rate,
-				temperature_freeze=temperature_freeze)
+				temperature_freeze=temperature_freeze, last_norm=last_norm, gate_offset=gate_offset)
 
 
 def kl_to_uniform(expert_prob_mean):

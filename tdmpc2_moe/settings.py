@@ -18,10 +18,13 @@ HEADS = ("encoder", "dynamics", "reward", "termination", "pi")
 # Settings that decide the shapes or the meaning of the world model's parameters: a checkpoint must
 # match them (a checkpoint saved before a setting existed has its default).
 ARCHITECTURE = ("use_moe", "moe_experts", "moe_heads", "moe_shared_head", "moe_orthogonal", "moe_balance",
-				"moe_gate_input")
+				"moe_gate_input", "moe_last_norm", "moe_gate_offset")
 BALANCES = ("switch", "kl")
 GATE_INPUTS = ("input", "task")
 PRESETS = ("fork",)
+# What `moe_temperature_freeze` counts: updates of the agent, or the head's own training forwards
+# (the fork counted forwards: its dynamics head runs `horizon` of them per update).
+FREEZE_UNITS = ("updates", "forwards")
 
 
 def _fail(key, expected, value):
@@ -101,6 +104,9 @@ class MoESettings:
 	moe_temperature_bounds: tuple = (0.5, 2.0)
 	moe_temperature_rate: float = 0.02
 	moe_temperature_freeze: int = 0
+	moe_temperature_freeze_unit: str = "updates"
+	moe_last_norm: bool = False
+	moe_gate_offset: bool = False
 	moe_preset: str = None
 	moe_dispatch: str = "auto"
 	# Long runs (checkpoint.py): write work_dir/checkpoints/latest.pt every N environment steps (0: never),
@@ -180,6 +186,10 @@ class MoESettings:
 			moe_temperature_bounds=_as_bounds("moe_temperature_bounds", raw["moe_temperature_bounds"]),
 			moe_temperature_rate=check_number("moe_temperature_rate", raw["moe_temperature_rate"], positive=True),
 			moe_temperature_freeze=check_int("moe_temperature_freeze", raw["moe_temperature_freeze"], 0),
+			moe_temperature_freeze_unit=_one_of("moe_temperature_freeze_unit", raw["moe_temperature_freeze_unit"],
+												FREEZE_UNITS),
+			moe_last_norm=_as_bool("moe_last_norm", raw["moe_last_norm"]),
+			moe_gate_offset=_as_bool("moe_gate_offset", raw["moe_gate_offset"]),
 			moe_preset=None if raw["moe_preset"] is None else _one_of("moe_preset", raw["moe_preset"], PRESETS),
 			moe_dispatch=_one_of("moe_dispatch", raw["moe_dispatch"], DISPATCHES),
 			checkpoint_interval=check_int("checkpoint_interval", raw["checkpoint_interval"], 0),
@@ -190,7 +200,8 @@ class MoESettings:
 	def block_kwargs(self):
 		"""
 		Returns the MoEBlock keyword arguments for these settings (gate_history_rows=0: no history).
-		`gate_dims` depends on the head and is added where the head is built (moe_gate_input=task).
+		`gate_dims` depends on the head and is added where the head is built (moe_gate_input=task), and
+		`temperature_freeze` is converted there to the head's training forwards (moe_temperature_freeze_unit).
 		"""
 		return dict(n_experts=self.moe_experts, top_k=self.moe_top_k, temperature=self.moe_temperature,
 					aux_coef=self.moe_aux_coef, zloss_coef=self.moe_zloss_coef,
@@ -198,7 +209,7 @@ class MoESettings:
 					shared_head=self.moe_shared_head, orthogonal=self.moe_orthogonal,
 					target_entropy=self.moe_target_entropy, temperature_bounds=self.moe_temperature_bounds,
 					temperature_rate=self.moe_temperature_rate, temperature_freeze=self.moe_temperature_freeze,
-					dispatch=self.moe_dispatch)
+					dispatch=self.moe_dispatch, last_norm=self.moe_last_norm, gate_offset=self.moe_gate_offset)
 
 	def checkpoint_dict(self):
 		"""Returns the settings a checkpoint records, as plain Python types (loadable with weights_only=True)."""
@@ -210,21 +221,26 @@ class MoESettings:
 					moe_target_entropy=self.moe_target_entropy,
 					moe_temperature_bounds=list(self.moe_temperature_bounds),
 					moe_temperature_rate=self.moe_temperature_rate, moe_temperature_freeze=self.moe_temperature_freeze,
-					moe_preset=self.moe_preset)
+					moe_temperature_freeze_unit=self.moe_temperature_freeze_unit, moe_last_norm=self.moe_last_norm,
+					moe_gate_offset=self.moe_gate_offset, moe_preset=self.moe_preset)
 
 
 def fork_preset(experts, steps=None, multitask=False):
 	"""
-	Returns the settings of `moe_preset=fork`, the model of the TD-MPC2 fork users come from: dense
-	(top_k = E) orthogonal experts on dynamics and reward with a shared output layer, the gate on the
-	task embedding for multitask agents, KL balance (0.03), temperature 1.8 adapted to 0.75 ln E in
-	[0.5, 2.0] at rate 0.02, frozen for the first max(5000, 5% of `steps`) training forwards.
+	Returns the settings of `moe_preset=fork`, the model of the TD-MPC2 fork users come from
+	(SC-Levi/boya_tdmpc2 at e42a5c0): dense (top_k = E) orthogonal experts on dynamics and reward with
+	a shared output layer that is a NormedLinear on both heads, the gate on the task embedding for
+	multitask agents with its bias added after the temperature division, KL balance (0.03),
+	temperature 1.8 adapted to 0.75 ln E in [0.5, 2.0] at rate 0.02, frozen for each head's first
+	max(5000, 5% of `steps`) training forwards (the fork's `freeze_steps`, counted per block).
+	`steps=None` is upstream's default of the fork's own config, 200,000 in its MoEBlock: 5000.
 	"""
 	freeze = max(5000, int(0.05 * steps)) if steps else 5000
 	return dict(moe_heads=("dynamics", "reward"), moe_top_k=experts, moe_orthogonal=True, moe_shared_head=True,
 				moe_gate_input="task" if multitask else "input", moe_balance="kl", moe_aux_coef=0.03,
 				moe_temperature=1.8, moe_target_entropy=0.75 * math.log(experts), moe_temperature_bounds=(0.5, 2.0),
-				moe_temperature_rate=0.02, moe_temperature_freeze=freeze)
+				moe_temperature_rate=0.02, moe_temperature_freeze=freeze, moe_temperature_freeze_unit="forwards",
+				moe_last_norm=True, moe_gate_offset=True)
 
 
 def config_defaults():
@@ -259,9 +275,14 @@ _MODEL_KEYS = set(ARCHITECTURE) | {"moe_top_k", "moe_temperature", "moe_target_e
 def checkpoint_overrides(saved):
 	"""
 	Returns the cfg overrides (["use_moe=true", "moe_experts=4", ...]) that rebuild the model of
-	checkpoint settings `saved` (a checkpoint_dict), in its order.
+	checkpoint settings `saved` (a checkpoint_dict), in its order. An architecture key that a checkpoint
+	saved before the key existed lacks gets its default (the model it was saved with), so that a preset
+	that sets the key today does not change that model.
 	"""
-	return [f"{k}={_override_value(v)}" for k, v in saved.items() if k in _MODEL_KEYS]
+	defaults = MoESettings()
+	out = [f"{k}={_override_value(v)}" for k, v in saved.items() if k in _MODEL_KEYS]
+	out += [f"{k}={_override_value(getattr(defaults, k))}" for k in ARCHITECTURE if k not in saved]
+	return out
 
 
 def describe(settings):

@@ -23,6 +23,7 @@ def test_fork_preset_resolves_to_the_forks_model():
 	assert s.moe_target_entropy == pytest.approx(0.75 * math.log(4))
 	assert (s.moe_temperature_bounds, s.moe_temperature_rate) == ((0.5, 2.0), 0.02)
 	assert s.moe_temperature_freeze == 50_000  # 5% of 1M steps
+	assert (s.moe_temperature_freeze_unit, s.moe_last_norm, s.moe_gate_offset) == ("forwards", True, True)
 	assert MoESettings.resolve({"steps": 20_000}, use_moe=True, moe_preset="fork").moe_temperature_freeze == 5000
 	assert MoESettings.resolve({"multitask": True}, use_moe=True, moe_preset="fork").moe_gate_input == "task"
 
@@ -39,6 +40,7 @@ def test_explicit_keys_win_over_the_preset_and_null_config_keys_do_not():
 	("moe_preset", "moore"), ("moe_balance", "entropy"), ("moe_shared_head", "yes"), ("moe_orthogonal", 1),
 	("moe_gate_input", "obs"), ("moe_target_entropy", -0.1), ("moe_temperature_bounds", [2.0, 0.5]),
 	("moe_temperature_bounds", [0.5]), ("moe_temperature_rate", 0.0), ("moe_temperature_freeze", -1),
+	("moe_temperature_freeze_unit", "steps"), ("moe_last_norm", "true"), ("moe_gate_offset", 0),
 ])
 def test_bad_fork_settings_raise_naming_the_key(key, value):
 	with pytest.raises(ValueError, match=key):
@@ -57,7 +59,17 @@ def test_checkpoint_overrides_rebuild_the_architecture():
 	overrides = checkpoint_overrides(s.checkpoint_dict())
 	assert "moe_orthogonal=true" in overrides and "moe_shared_head=true" in overrides
 	assert "moe_heads=[dynamics,reward]" in overrides and "moe_balance=kl" in overrides
+	assert "moe_last_norm=true" in overrides and "moe_gate_offset=true" in overrides
 	assert not any(o.startswith(("moe_aux_coef", "moe_preset")) for o in overrides)
+
+
+def test_checkpoints_saved_before_a_key_existed_rebuild_their_own_model():
+	# A fork-preset checkpoint written before moe_last_norm / moe_gate_offset existed had neither:
+	# its overrides must say false, or today's preset would build another reward head and gate.
+	saved = MoESettings.resolve(use_moe=True, moe_preset="fork").checkpoint_dict()
+	del saved["moe_last_norm"], saved["moe_gate_offset"]
+	overrides = checkpoint_overrides(saved)
+	assert "moe_last_norm=false" in overrides and "moe_gate_offset=false" in overrides
 
 
 def _fork_blocks(model):
@@ -78,9 +90,15 @@ def test_fork_preset_builds_the_forks_structure_single_task(walker_cfg):
 		assert block.gate.in_features == block.in_dim and block.gate_dims is None
 		assert float(block.adaptive_temperature.tau) == pytest.approx(1.8)
 		assert block.adaptive_temperature.target == pytest.approx(0.75 * math.log(4))
-		# frozen for max(5000, 5% of steps) updates, counted in the head's training forwards
-		assert block.adaptive_temperature.freeze == 5000 * (cfg.horizon if name == "dynamics" else 1)
-		assert block[-1].weight.dim() == 2  # the shared output layer
+		# frozen for max(5000, 5% of steps) of the head's own training forwards, as the fork's freeze_steps
+		assert block.adaptive_temperature.freeze == 5000
+		assert block[-1].weight.dim() == 2 and block[-1].norm  # the shared output layer, a NormedLinear
+		assert block.gate_offset
+	assert isinstance(blocks["reward"][-1].act, torch.nn.Mish)
+	# counted in updates instead, the dynamics head's freeze is horizon of its forwards per update
+	updates = heads.moe_blocks(WorldModel(walker_cfg(*FORK, "moe_temperature_freeze_unit=updates")))
+	assert updates["dynamics"].adaptive_temperature.freeze == 5000 * cfg.horizon
+	assert updates["reward"].adaptive_temperature.freeze == 5000
 	# upstream zero-initialises the reward head's last layer: with a shared head that is the shared layer
 	assert torch.count_nonzero(blocks["reward"][-1].weight) == 0
 

@@ -29,15 +29,20 @@ def gram_schmidt(f):
 
 
 def plain_fork_model(block, x, tau, *, act=None, balance="switch", shared_head=False, orthogonal=False,
-					 gate_dims=None):
+					 gate_dims=None, last_norm=False, gate_offset=False):
 	"""
-	The fork's MoE written row-major from the block's parameters: softmax(gate(x[gate columns]) / tau),
+	The fork's MoE written row-major from the block's parameters: softmax(gate(x[gate columns]) / tau)
+	(with `gate_offset`, softmax(W x / tau + b)),
 	top-k renormalised, experts one by one, Gram-Schmidt of the E features per row, weighted sum, then
 	the shared layer. Returns (out, aux, routing weights [N, E], mean routing entropy).
 	"""
 	e_n = block.n_experts
 	g_in = x if gate_dims is None else x[:, gate_dims[0]:gate_dims[1]]
-	probs = torch.softmax((F.linear(g_in, block.gate.weight, block.gate.bias) / tau).float(), -1)
+	if gate_offset:
+		logits = F.linear(g_in, block.gate.weight) / tau + block.gate.bias
+	else:
+		logits = F.linear(g_in, block.gate.weight, block.gate.bias) / tau
+	probs = torch.softmax(logits.float(), -1)
 	top, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
 	top, idx = top[:, :block.top_k], idx[:, :block.top_k]
 	w = torch.zeros_like(probs).scatter(1, idx, top / top.sum(-1, keepdim=True)).to(x.dtype)
@@ -50,7 +55,7 @@ def plain_fork_model(block, x, tau, *, act=None, balance="switch", shared_head=F
 			h = F.linear(h, layer.weight[e], layer.bias[e])
 			if layer.norm:
 				h = F.layer_norm(h, (layer.out_features,)) * layer.ln_weight[e] + layer.ln_bias[e]
-				h = (act if i == len(block) - 1 else F.mish)(h)
+				h = (act if i == len(block) - 1 and act is not None else F.mish)(h)
 		feats.append(h)
 	f = torch.stack(feats, 1)
 	if orthogonal:
@@ -59,8 +64,8 @@ def plain_fork_model(block, x, tau, *, act=None, balance="switch", shared_head=F
 	if shared_head:
 		head = block[-1]
 		out = F.linear(out, head.weight, head.bias)
-		if act is not None:
-			out = act(F.layer_norm(out, (head.out_features,)) * head.ln_weight + head.ln_bias)
+		if act is not None or last_norm:
+			out = (act or F.mish)(F.layer_norm(out, (head.out_features,)) * head.ln_weight + head.ln_bias)
 	p_mean = probs.mean(0)
 	if balance == "kl":
 		aux = block.aux_coef * F.kl_div(torch.log(p_mean + 1e-9), torch.full_like(p_mean, 1 / e_n), reduction="sum")
@@ -81,6 +86,13 @@ CASES = {
 	"dense": dict(top_k=4),
 	"fork": dict(top_k=4, balance="kl", shared_head=True, orthogonal=True, gate_dims=(8, 12), act=SimNorm(),
 				 temperature=1.8, target_entropy=0.75 * math.log(4)),
+	"last_norm": dict(last_norm=True),
+	"last_norm_shared_head": dict(last_norm=True, shared_head=True),
+	"gate_offset": dict(gate_offset=True, temperature=1.7),
+	"fork_dynamics": dict(top_k=4, balance="kl", shared_head=True, orthogonal=True, act=SimNorm(), last_norm=True,
+						  gate_offset=True, temperature=1.8, target_entropy=0.75 * math.log(4)),
+	"fork_reward": dict(top_k=4, balance="kl", shared_head=True, orthogonal=True, gate_dims=(8, 12), last_norm=True,
+						gate_offset=True, temperature=1.8, target_entropy=0.75 * math.log(4)),
 }
 
 
@@ -105,7 +117,8 @@ def test_values_and_gradients_match_plain_fork_model_in_float64(case, batched):
 	aux_block = block.last_aux_loss.clone()
 	block.zero_grad()
 	x.grad = None
-	kw = {k: v for k, v in opts.items() if k in ("balance", "shared_head", "orthogonal", "gate_dims")}
+	kw = {k: v for k, v in opts.items()
+		  if k in ("balance", "shared_head", "orthogonal", "gate_dims", "last_norm", "gate_offset")}
 	ref, aux, _, _ = plain_fork_model(block, x, tau, act=act, **kw)
 	(((ref - target) ** 2).sum() + aux).backward()
 	torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
@@ -115,6 +128,25 @@ def test_values_and_gradients_match_plain_fork_model_in_float64(case, batched):
 	for name, g, p in zip(names, grads, list(block.parameters()) + [x]):
 		atol = 1e-6 * max(1.0, p.grad.abs().max().item())
 		torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_gate_offset_is_not_divided_by_the_adapted_temperature():
+	# The fork's gate: logits = W x / tau + b at whatever tau has adapted to, not (W x + b) / tau.
+	torch.manual_seed(0)
+	block = MoEBlock(IN, HIDDEN, OUT, n_experts=4, top_k=4, temperature=1.8, target_entropy=0.1,
+					 gate_offset=True, history_rows=None)
+	nn.init.normal_(block.gate.weight)
+	nn.init.normal_(block.gate.bias)
+	block.train()
+	for _ in range(5):
+		block(torch.randn(16, IN))
+	tau = block.adaptive_temperature.tau
+	assert float(tau) < 1.8 - 0.05
+	x = torch.randn(8, IN)
+	expected = torch.softmax(F.linear(x, block.gate.weight) / tau + block.gate.bias, -1)
+	gate = block.route(x)
+	routed = torch.zeros(8, 4).scatter(1, gate.indices, gate.weights)
+	torch.testing.assert_close(routed, expected)
 
 
 def test_orthogonal_block_mixes_orthonormal_features():
@@ -381,7 +413,8 @@ def test_defaults_build_the_plain_block():
 	plain = MoEBlock(IN, HIDDEN, OUT)
 	torch.manual_seed(0)
 	explicit = MoEBlock(IN, HIDDEN, OUT, balance="switch", shared_head=False, orthogonal=False, gate_dims=None,
-						target_entropy=None, temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0)
+						target_entropy=None, temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0,
+						last_norm=False, gate_offset=False)
 	assert list(plain.state_dict()) == list(explicit.state_dict())
 	assert sorted(n for n, _ in plain.named_buffers()) == ["_last_aux", "_last_entropy", "_last_mean_weight",
 														   "_last_usage", "history.cursor", "history.ring"]
@@ -411,6 +444,8 @@ def test_defaults_build_the_plain_block():
 	(dict(temperature_rate=0.0), ["temperature_rate"]),
 	(dict(temperature_freeze=-1), ["temperature_freeze"]),
 	(dict(temperature_freeze=1.5), ["temperature_freeze"]),
+	(dict(last_norm="yes"), ["last_norm"]),
+	(dict(gate_offset=1), ["gate_offset"]),
 ])
 def test_bad_options_raise_value_errors_naming_the_argument(kwargs, names):
 	args = dict(mlp_dims=[32], n_experts=4, top_k=2)
