@@ -136,10 +136,15 @@ def _agent_update(original):
 	return update
 
 
+def checkpoint_of(model):
+	"""Returns what a patched agent's `save` writes for its world model `model`: its state dict and its MoE settings."""
+	return {"model": model.state_dict(), "moe": model.moe_settings.checkpoint_dict()}
+
+
 def _agent_save(original):
 	@functools.wraps(original)
 	def save(self, fp):
-		torch.save({"model": self.model.state_dict(), "moe": self.model.moe_settings.checkpoint_dict()}, fp)
+		torch.save(checkpoint_of(self.model), fp)
 	return save
 
 

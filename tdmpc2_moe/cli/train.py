@@ -9,7 +9,11 @@ Differences from running upstream `python train.py` (none needs an edit to the c
 - an explicit `seed_steps=N` is kept; upstream's `make_env` otherwise resets it to
   max(1000, 5 * episode_length), which makes short runs impossible;
 - `checkpoint_interval=N`, `checkpoint_buffer=true`, `resume=true`: crash-safe checkpoints and resume
-  (tdmpc2_moe/resume.py, checkpoint.py).
+  (tdmpc2_moe/resume.py, checkpoint.py);
+- `checkpoint=PATH` (upstream's key, which its evaluate.py loads with `agent.load`) starts training
+  from that model: the agent loads it right after it is built, before the first step. Only the
+  world model comes from the file (what `agent.save` writes); optimiser state, replay buffer and
+  step count start fresh. `resume=true` with a run checkpoint present restores that instead.
 """
 import argparse
 import contextlib
@@ -55,6 +59,38 @@ def _keep_seed_steps(train_module, seed_steps):
 		train_module.make_env = make_env
 
 
+def initial_checkpoint(cfg):
+	"""Returns the `checkpoint` path to start training from, or None when the key is unset (upstream's `???`). Raises ValueError for a missing file."""
+	from omegaconf import OmegaConf
+	if "checkpoint" not in cfg or OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint is None:
+		return None
+	path = os.path.expanduser(str(cfg.checkpoint))
+	if not os.path.isfile(path):
+		raise ValueError(f"checkpoint={cfg.checkpoint}: no such file (the model to start training from)")
+	return path
+
+
+@contextlib.contextmanager
+def _start_from(train_module, path):
+	"""While active, the agents `train_module` builds load the model at `path` once built (None: no change)."""
+	if path is None:
+		yield
+		return
+	agent_cls = train_module.TDMPC2
+
+	def agent_from_checkpoint(cfg):
+		agent = agent_cls(cfg)
+		agent.load(path)
+		print(f"tdmpc2-moe train: starting from the model in checkpoint={path}")
+		return agent
+
+	train_module.TDMPC2 = agent_from_checkpoint
+	try:
+		yield
+	finally:
+		train_module.TDMPC2 = agent_cls
+
+
 def prepare(overrides, path=None):
 	"""
 	Returns (cfg, settings, seed_steps): the composed config, the plugin settings it holds and the
@@ -65,6 +101,7 @@ def prepare(overrides, path=None):
 	cfg = upstream.compose(overrides, path)
 	settings = MoESettings.resolve(cfg)
 	resume.check_supported(cfg, settings)
+	initial_checkpoint(cfg)
 	seed_steps = None if OmegaConf.is_missing(cfg, "seed_steps") else cfg.seed_steps
 	if seed_steps is not None and (isinstance(seed_steps, bool) or not isinstance(seed_steps, int) or seed_steps < 0):
 		raise ValueError(f"seed_steps must be an int >= 0, got {seed_steps!r}")
@@ -78,7 +115,7 @@ def run(cfg, settings, seed_steps=None):
 	patching.patch()
 	train_module = importlib.import_module("train")
 	with torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps), \
-			resume.resumable(train_module, settings):
+			_start_from(train_module, initial_checkpoint(cfg)), resume.resumable(train_module, settings):
 		train_module.train(cfg)
 
 
