@@ -4,7 +4,7 @@
 //     gate_team_backward_row with a CUDA block as the team. Both use every other function here.
 //   CPU: the row-block kernels (cpu/lanes_impl.h) vectorise across 16 rows and use the scalar steps
 //     (gate_exp, gate_key, gate_lse, gate_index, gate_backward_shift, gate_pick_grad) and the ring
-//     slot / write; the test-only op of cpu/gpu_rows_host.cpp runs the CUDA kernels' row functions
+//     slot / write; the test-only op of tests/csrc/gpu_rows_host.cpp runs the CUDA kernels' row functions
 //     above on the host, row by row (a one-thread team for E > 32), so CPU tests reach every function
 //     in this file with the GPU's control flow. What only the GPU runs: expf (the host uses the
 //     polynomial of gate_exp), the CUDA team's shuffle/shared-memory reductions and the statistics'

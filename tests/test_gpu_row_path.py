@@ -1,11 +1,13 @@
 """
 The CUDA kernels' row code (csrc/gate_row.h: the thread-per-row path for E <= 32, the team path for
-E > 32), compiled for the host behind the test-only ops tdmpc2_moe::_test_gpu_rows_forward / _backward
-and checked against the reference: the GPU's selection, softmax, statistics, ring write and backward
+E > 32), compiled for the host behind the test-only ops tdmpc2_moe_test::gpu_rows_forward / _backward
+(tests/csrc/gpu_rows_host.cpp, built here with torch.utils.cpp_extension against the repository's
+csrc/ headers; users' extensions do not carry them) and checked against the reference: the GPU's selection, softmax, statistics, ring write and backward
 logic, tested on a machine without a GPU. (expf, the block reductions and the cross-block statistics
 run only on a GPU: tests/test_cuda.py.)
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,16 @@ from tdmpc2_moe import backend, topk_gate
 from tdmpc2_moe.reference import dense_routing, topk_gate_backward_reference, topk_gate_reference
 
 pytestmark = pytest.mark.skipif(backend() == "reference", reason="tdmpc2_moe._C is not built")
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gpu_rows_ops():
+	"""Builds and loads the test-only ops (once per machine; torch caches the build) and returns their namespace."""
+	from torch.utils.cpp_extension import load
+	load(name="tdmpc2_moe_test_gpu_rows", sources=[str(HERE / "csrc" / "gpu_rows_host.cpp")],
+		 extra_include_paths=[str(HERE.parent / "csrc")], extra_cflags=["-O2"], is_python_module=False)
+	return torch.ops.tdmpc2_moe_test
 
 SMALL_E = list(range(1, 41))
 LARGE_E = [63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1000, 1023, 1024]
@@ -27,7 +39,7 @@ def _ks(e):
 def _forward(logits, k, temperature, renormalize, ring_dtype=torch.float32, capacity=5, cursor=3):
 	ring = torch.zeros(capacity, logits.shape[1], dtype=ring_dtype)
 	cur = torch.tensor(cursor)
-	out = torch.ops.tdmpc2_moe._test_gpu_rows_forward(logits, k, temperature, renormalize, ring, cur)
+	out = torch.ops.tdmpc2_moe_test.gpu_rows_forward(logits, k, temperature, renormalize, ring, cur)
 	return out, ring, cur
 
 
@@ -59,7 +71,7 @@ def _check(logits, k, t, renorm, ring_dtype=torch.float32):
 	assert torch.equal(ring, want) and cur.item() == 3 + n
 	g = torch.Generator().manual_seed(n * 1031 + e)
 	cw, cp, cl = torch.randn(n, k, generator=g), torch.randn(e, generator=g), torch.randn(n, generator=g)
-	grad = torch.ops.tdmpc2_moe._test_gpu_rows_backward(cw, cp, cl, logits, idx, t, renorm)
+	grad = torch.ops.tdmpc2_moe_test.gpu_rows_backward(cw, cp, cl, logits, idx, t, renorm)
 	want_grad = topk_gate_backward_reference(cw, cp, cl, logits, idx, k, t, renorm)
 	tol = dict(rtol=1e-4, atol=1e-5) if logits.dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
 	torch.testing.assert_close(grad, want_grad, **tol)
@@ -90,7 +102,7 @@ def test_row_path_non_finite_rows(e):
 	# The ring sits between two sentinel rows: no write may land outside it.
 	storage = torch.full((6, e), 7.0)
 	ring, cur = storage[1:-1], torch.tensor(3)
-	w, idx, pm, frac, lse = torch.ops.tdmpc2_moe._test_gpu_rows_forward(logits, k, 1.0, True, ring, cur)
+	w, idx, pm, frac, lse = torch.ops.tdmpc2_moe_test.gpu_rows_forward(logits, k, 1.0, True, ring, cur)
 	assert (storage[0] == 7.0).all() and (storage[-1] == 7.0).all() and cur.item() == 3 + len(rows)
 	assert ((idx >= 0) & (idx < e)).all()
 	assert all(len(set(r)) == k for r in idx.tolist())
@@ -110,7 +122,7 @@ def test_backward_ignores_indices_outside_int32_as_the_cpu_kernel_does(e):
 	bad = idx.clone()
 	bad[:, 1] = 2**32 + 1
 	gw, gp, gl = torch.randn(5, 2), torch.randn(e), torch.randn(5)
-	rows = torch.ops.tdmpc2_moe._test_gpu_rows_backward(gw, gp, gl, x, bad, 1.0, True)
+	rows = torch.ops.tdmpc2_moe_test.gpu_rows_backward(gw, gp, gl, x, bad, 1.0, True)
 	lanes = torch.ops.tdmpc2_moe.topk_gate_backward(gw, gp, gl, x, bad, 1.0, True)
 	torch.testing.assert_close(rows, lanes, rtol=1e-5, atol=1e-6)
 	narrowed = bad.clone()
@@ -126,5 +138,5 @@ def test_row_path_without_rows_or_gradients():
 	idx = topk_gate(x, 2).indices
 	for e_logits in (x, torch.randn(4, 50)):
 		idx = topk_gate(e_logits, 2).indices
-		got = torch.ops.tdmpc2_moe._test_gpu_rows_backward(None, None, torch.ones(4), e_logits, idx, 1.0, False)
+		got = torch.ops.tdmpc2_moe_test.gpu_rows_backward(None, None, torch.ones(4), e_logits, idx, 1.0, False)
 		torch.testing.assert_close(got, torch.softmax(e_logits, -1))

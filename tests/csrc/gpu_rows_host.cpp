@@ -1,10 +1,11 @@
-// TEST-ONLY operators: the CUDA kernels' per-row path (gate_row.h's gate_forward_row /
+// Test-only operators, built by tests/test_gpu_row_path.py (torch.utils.cpp_extension.load with csrc/ on
+// the include path) and never part of the shipped extension: the CUDA kernels' per-row path (gate_row.h's gate_forward_row /
 // gate_row_backward for E <= 32, gate_team_forward_row / gate_team_backward_row with a one-thread team
 // for E > 32, chosen by the same gate_with_bucket as the CUDA launcher) compiled for and run on the
 // host, row by row. They let CPU tests check the GPU's row logic against the reference on a machine
-// without a GPU. Not part of the API: tdmpc2_moe.ops never calls them.
-//   tdmpc2_moe::_test_gpu_rows_forward  (schema of topk_gate_record; statistics summed in row order)
-//   tdmpc2_moe::_test_gpu_rows_backward (schema of topk_gate_backward)
+// without a GPU.
+//   tdmpc2_moe_test::gpu_rows_forward  (schema of topk_gate_record; statistics summed in row order)
+//   tdmpc2_moe_test::gpu_rows_backward (schema of topk_gate_backward)
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -12,8 +13,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "../gate_row.h"
-#include "../topk_gate.h"
+#include "gate_row.h"
+#include "topk_gate.h"
 
 namespace tdmpc2_moe {
 namespace {
@@ -150,14 +151,14 @@ at::Tensor gpu_rows_backward(const std::optional<at::Tensor>& grad_weights, cons
 }  // namespace
 }  // namespace tdmpc2_moe
 
-TORCH_LIBRARY_FRAGMENT(tdmpc2_moe, m) {
-	m.def("_test_gpu_rows_forward(Tensor logits, int k, float temperature, bool renormalize, Tensor(a!) ring, "
+TORCH_LIBRARY(tdmpc2_moe_test, m) {
+	m.def("gpu_rows_forward(Tensor logits, int k, float temperature, bool renormalize, Tensor(a!) ring, "
 		  "Tensor(b!) cursor) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-	m.def("_test_gpu_rows_backward(Tensor? grad_weights, Tensor? grad_prob_mean, Tensor? grad_lse, Tensor logits, "
+	m.def("gpu_rows_backward(Tensor? grad_weights, Tensor? grad_prob_mean, Tensor? grad_lse, Tensor logits, "
 		  "Tensor indices, float temperature, bool renormalize) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tdmpc2_moe, CPU, m) {
-	m.impl("_test_gpu_rows_forward", &tdmpc2_moe::gpu_rows_forward);
-	m.impl("_test_gpu_rows_backward", &tdmpc2_moe::gpu_rows_backward);
+TORCH_LIBRARY_IMPL(tdmpc2_moe_test, CPU, m) {
+	m.impl("gpu_rows_forward", &tdmpc2_moe::gpu_rows_forward);
+	m.impl("gpu_rows_backward", &tdmpc2_moe::gpu_rows_backward);
 }
