@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the venv and runs the test suite. Integration tests use the TD-MPC2 checkout named by
-# TDMPC2_ROOT (or ~/tdmpc2 when it exists) and are skipped with a reason otherwise.
+# TDMPC2_ROOT (or ~/tdmpc2 when it exists), the fork's tests the checkout named by FORK_ROOT (or
+# ~/fork), and are skipped with a reason otherwise. `-m ""` runs the tests marked slow too (the
+# default `pytest` run, the quick loop, skips them: pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VENV=$(realpath -m "${VENV:-.venv}")
@@ -8,7 +10,11 @@ bash scripts/setup_venv.sh
 if [ -z "${TDMPC2_ROOT:-}" ] && [ -f "$HOME/tdmpc2/tdmpc2/tdmpc2.py" ]; then
 	export TDMPC2_ROOT="$HOME/tdmpc2"
 fi
+if [ -z "${FORK_ROOT:-}" ] && [ -f "$HOME/fork/tdmpc2/Mooretdmpc.py" ]; then
+	export FORK_ROOT="$HOME/fork"
+fi
 echo "TDMPC2_ROOT=${TDMPC2_ROOT:-<unset: integration tests will be skipped>}"
+echo "FORK_ROOT=${FORK_ROOT:-<unset: the tests against the fork's code will be skipped>}"
 export PATH="$VENV/bin:$PATH"
 # Run from tests/ so the installed package (with its built _C), not the source tree, is imported.
-cd tests && exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider "$@" .
+cd tests && exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider -m "" "$@" .

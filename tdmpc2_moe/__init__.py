@@ -4,5 +4,7 @@ from .monitor import MemoryMonitor
 from .moe import MoEBlock
 from .ops import Gate, backend, topk_gate
 from .patching import is_patched, patch, unpatch
+from .kernel_check import SelfCheckError, self_check
 
-__all__ = ["Gate", "GateHistory", "MemoryMonitor", "MoEBlock", "backend", "is_patched", "patch", "topk_gate", "unpatch"]
+__all__ = ["Gate", "GateHistory", "MemoryMonitor", "MoEBlock", "SelfCheckError", "backend", "is_patched", "patch",
+		   "self_check", "topk_gate", "unpatch"]

@@ -1,5 +1,6 @@
 """topk_gate: fused top-k softmax gating with statistics and device-side history recording."""
 import math
+import os
 import struct
 import warnings
 
@@ -7,10 +8,20 @@ import torch
 
 from ._extension import load_compiled
 from .checks import check_int, check_number
+from . import kernel_check
 from .reference import Gate, record_reference, topk_gate_reference
 
+# TDMPC2_MOE_BACKEND=reference runs the plain-PyTorch reference even where the extension is built (a
+# way around a faulty kernel); "auto" (default) uses the compiled kernels when they load.
+BACKENDS = ("auto", "reference")
+_CHOICE = os.environ.get(kernel_check.BACKEND_ENV, "auto") or "auto"
+if _CHOICE not in BACKENDS:
+	raise ValueError(f"{kernel_check.BACKEND_ENV} must be one of {list(BACKENDS)}, got {_CHOICE!r}")
 # Loading the extension registers torch.ops.tdmpc2_moe.*; None (with the reason) means the reference runs.
-_C, _WHY_REFERENCE = load_compiled()
+if _CHOICE == "reference":
+	_C, _WHY_REFERENCE = None, f"{kernel_check.BACKEND_ENV}=reference chose the plain-PyTorch reference (the extension is not loaded)"
+else:
+	_C, _WHY_REFERENCE = load_compiled()
 _HAVE_C = _C is not None
 
 _warned = False
@@ -36,9 +47,17 @@ def backend_reason():
 	return "the extension has CUDA kernels and a CUDA device is available"
 
 
+def _first_use(tensor):
+	# The self-check runs once per device, in eager mode, on plain tensors (not while torch.compile
+	# traces, not on fake or meta tensors); later calls cost one set lookup.
+	if tensor.device not in kernel_check._checked and type(tensor) is torch.Tensor \
+			and not torch.compiler.is_compiling():
+		kernel_check.before_first_use(tensor.device)
+
+
 def _warn_reference():
 	global _warned
-	if not _warned:
+	if not _warned and _CHOICE != "reference":
 		_warned = True
 		warnings.warn(f"{_WHY_REFERENCE}; topk_gate runs the plain-PyTorch reference (slower). Build it with "
 					  "`pip install --no-build-isolation .` next to torch, or install a C++ compiler and ninja "
@@ -90,6 +109,7 @@ def topk_gate(logits, k, *, temperature=1.0, renormalize=True, history=None) -> 
 			with torch.no_grad():
 				record_reference(history.ring, history.cursor, gate.weights, gate.indices)
 		return gate
+	_first_use(logits)
 	# One registration serves eager calls, torch.compile and opcheck: the schemas' autograd kernel is
 	# C++ (csrc/autograd.cpp), their fake kernels are below.
 	if history is None:
@@ -208,5 +228,6 @@ def orthonormalize(features, *, eps=ORTHONORMALIZE_EPS):
 						 "of width D can be orthonormal")
 	check_number("eps", eps, positive=True)
 	if _HAVE_C:
+		_first_use(features)
 		return _orthonormalize(features, float(eps))
 	return orthonormalize_reference(features, float(eps))

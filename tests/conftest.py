@@ -16,6 +16,17 @@ SMALL = ["task=walker-walk", "model_size=1", "compile=false", "batch_size=32", "
 		 "num_samples=64", "num_elites=8", "num_pi_trajs=8", "iterations=2", "monitor_mem_interval=0"]
 
 
+# Fixtures that need a checkout outside the repository: the tests using them are `integration`.
+CHECKOUT_FIXTURES = ("tdmpc2_root", "fork_root")
+
+
+def pytest_collection_modifyitems(config, items):
+	"""Marks every test that (directly or through another fixture) uses a checkout fixture as `integration`."""
+	for item in items:
+		if any(name in getattr(item, "fixturenames", ()) for name in CHECKOUT_FIXTURES):
+			item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def tdmpc2_root():
 	"""Returns the TD-MPC2 package directory named by $TDMPC2_ROOT, put on sys.path; skips when absent."""

@@ -5,6 +5,7 @@ Checks, each printed as one line (ok / warn / ERROR) with a fix under every prob
 - versions of torch, tensordict, torchrl, dm-control and mujoco against the known-good set
   (upstream's `Ensemble` breaks with another tensordict: that one is blocking);
 - the operator backend and why it is not "cuda" (a C++ compiler and ninja when it must be built);
+- the kernels' self-check (tdmpc2_moe/kernel_check.py) on every device it finds: the CPU and each GPU;
 - the TD-MPC2 checkout: found, and its commit against the pinned one;
 - whether patch() builds a MoE agent in that checkout (on the CPU, a small model);
 - whether MuJoCo can render (only videos need it), in a subprocess with a time limit.
@@ -76,6 +77,9 @@ def check_backend():
 	backend, reason = ops.backend(), ops.backend_reason()
 	compiler = os.environ.get("CXX", "c++")
 	has_compiler = shutil.which(compiler) is not None
+	if backend == "reference" and reason.startswith("TDMPC2_MOE_BACKEND=reference"):
+		return [Finding("warn", f"operator backend: reference, slow ({reason})",
+						"unset TDMPC2_MOE_BACKEND to use the compiled kernels")]
 	if backend == "reference":
 		fix = "install the package with its extension: `pip install --no-build-isolation .` next to torch"
 		if not has_compiler:
@@ -88,6 +92,25 @@ def check_backend():
 			findings.append(Finding("warn", "a CUDA device is present but the extension has no CUDA kernels",
 									"rebuild next to a CUDA torch with nvcc on PATH: `TDMPC2_MOE_CUDA=1 pip install "
 									"--no-build-isolation .`"))
+	return findings
+
+
+def check_self_check():
+	"""Returns one Finding per device with compiled kernels (the CPU, every CUDA device): the self-check's result there."""
+	import torch
+	from .. import kernel_check, ops
+	if ops.backend() == "reference":
+		return [Finding("ok", "self-check: nothing to check (no compiled kernels in use)")]
+	devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if ops.backend() == "cuda" else [])
+	findings = []
+	for device in devices:
+		try:
+			result = kernel_check.self_check(device)
+		except kernel_check.SelfCheckError as exc:
+			findings.append(Finding("error", str(exc), f"run with {kernel_check.BACKEND_ENV}=reference until it is fixed"))
+			continue
+		findings.append(Finding("ok", f"self-check on {device}: the kernels agree with the reference on "
+									  f"{result['cases']} cases ({result['seconds'] * 1000:.0f} ms)"))
 	return findings
 
 
@@ -160,6 +183,7 @@ def diagnose(path=None, render=True):
 	if installed_version("torch") is None:
 		return findings
 	findings += check_backend()
+	findings += check_self_check()
 	checkout, pkg = check_checkout(path)
 	findings += checkout
 	if pkg is not None:
