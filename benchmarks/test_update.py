@@ -48,10 +48,29 @@ VARIANTS = {
 	"moe_e8k1_sparse": ["use_moe=true", *E8K1, NO_MONITOR, "moe_dispatch=sparse"],
 	"leaky_fork_e8k1": ["use_moe=true", *E8K1, NO_MONITOR],
 	"fork_preset": ["use_moe=true", "moe_preset=fork", NO_MONITOR],
+	# Compute-matched (docs/design.md 16): 8 experts at half of mlp_dim, top-2: fewer active multiply-adds than plain.
+	"moe_matched": ["use_moe=true", "moe_experts=8", "moe_top_k=2", "moe_expert_dim=192", NO_MONITOR],
 	"leaky_fork_preset": ["use_moe=true", "moe_preset=fork", NO_MONITOR],
 }
-ACT_VARIANTS = ["plain", "moe_e4k2_dense", "moe_e4k2_sparse", "leaky_fork", "moe_e8k1_dense", "moe_e8k1_sparse",
+ACT_VARIANTS = ["plain", "moe_no_bookkeeping", "moe_matched", "moe_e4k2_dense", "moe_e4k2_sparse", "leaky_fork", "moe_e8k1_dense", "moe_e8k1_sparse",
 				"leaky_fork_e8k1", "fork_preset", "leaky_fork_preset"]
+
+
+def head_cost(model):
+	"""
+	Returns (parameters, active multiply-adds per row) of the world model's dynamics, reward and pi heads:
+	a plain head counts every Linear; a MoE head its gate, top_k experts' layers and its shared layer.
+	"""
+	params = macs = 0
+	for head in (model._dynamics, model._reward, model._pi):
+		params += sum(p.numel() for p in head.parameters())
+		if isinstance(head, MoEBlock):
+			expert = sum(layer.weight[0].numel() for layer in head.expert_layers)
+			shared = head[-1].weight.numel() if head.shared_head else 0
+			macs += head.gate.weight.numel() + head.top_k * expert + shared
+		else:
+			macs += sum(m.weight.numel() for m in head.modules() if isinstance(m, torch.nn.Linear))
+	return params, macs
 
 
 def _resident_mb():
@@ -170,8 +189,10 @@ def test_update_step(benchmark, variant, root, monkeypatch):
 	benchmark.group = "update"
 	benchmark.pedantic(synced(agent.update), args=(buffer,), rounds=ROUNDS, iterations=1)
 	growth = _resident_mb() - before
+	params, macs = head_cost(agent.model) if variant not in LEAKY else (None, None)
 	benchmark.extra_info.update(variant=variant, rss_mb_per_1000_updates=growth * 1000 / ROUNDS, rounds=ROUNDS,
-								threads=torch.get_num_threads(), batch_size=agent.cfg.batch_size, device=str(DEVICE))
+								threads=torch.get_num_threads(), batch_size=agent.cfg.batch_size, device=str(DEVICE),
+								head_params=params, head_macs_per_row=macs)
 	patching.unpatch()
 
 
@@ -223,16 +244,22 @@ def summarize(path):
 		benches = json.load(f)["benchmarks"]
 	median = {(b["group"], b["extra_info"]["variant"]): b["stats"]["median"] * 1e3
 			  for b in benches if "variant" in b["extra_info"]}
-	lines = ["| variant | update ms | / plain | / leaky fork | act ms | / plain | / leaky fork |",
-			 "|---|---|---|---|---|---|---|"]
+	cost = {b["extra_info"]["variant"]: (b["extra_info"].get("head_params"), b["extra_info"].get("head_macs_per_row"))
+			for b in benches if b["group"] == "update" and "variant" in b["extra_info"]}
+	lines = ["| variant | head params | active MACs / row | update ms | / plain | / leaky fork | act ms | / plain | "
+			 "/ leaky fork |", "|---|---|---|---|---|---|---|---|---|"]
 	for variant in VARIANTS:
+		if not any((group, variant) in median for group in ("update", "act")):
+			continue
 		cells = []
 		for group in ("update", "act"):
 			m = median.get((group, variant))
 			plain = median.get((group, "plain"), float("nan"))
 			leaky = median.get((group, _leaky_of(variant)), float("nan"))
 			cells.append("- | - | -" if m is None else f"{m:.1f} | {m / plain:.2f}x | {m / leaky:.2f}x")
-		lines.append(f"| {variant} | {' | '.join(cells)} |")
+		params, macs = cost.get(variant, (None, None))
+		size = "- | -" if params is None else f"{params / 1e6:.2f} M | {macs / 1e3:.0f} k"
+		lines.append(f"| {variant} | {size} | {' | '.join(cells)} |")
 	return "\n".join(lines)
 
 

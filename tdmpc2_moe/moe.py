@@ -61,9 +61,14 @@ class MoEBlock(nn.Module):
 				 temperature=1.0, aux_coef=0.01, zloss_coef=0.0, history_rows=65536, balance="switch",
 				 shared_head=False, orthogonal=False, gate_dims=None, target_entropy=None,
 				 temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0, dispatch="auto",
-				 last_norm=False, gate_offset=False):
+				 last_norm=False, gate_offset=False, expert_dim=None):
 		super().__init__()
 		mlp_dims = [mlp_dims] if isinstance(mlp_dims, int) else list(mlp_dims)
+		if expert_dim is not None:
+			# Every expert's hidden layers get their own width (with shared_head, the mixed features').
+			check_int("expert_dim", expert_dim, 1)
+			mlp_dims = [expert_dim] * len(mlp_dims)
+		self.expert_dim = expert_dim
 		for i, d in enumerate([in_dim, *mlp_dims, out_dim]):
 			check_int("in_dim" if i == 0 else "out_dim" if i == len(mlp_dims) + 1 else "mlp_dims", d, 1)
 		check_int("n_experts", n_experts, 1, 1024)
@@ -271,7 +276,7 @@ class MoEBlock(nn.Module):
 		rows = self.history.capacity if self.history is not None else None
 		options = "".join(f", {name}={getattr(self, name)!r}" for name, default in
 						  [("balance", "switch"), ("shared_head", False), ("orthogonal", False), ("gate_dims", None),
-						   ("dispatch", "auto"), ("last_norm", False), ("gate_offset", False)]
+						   ("dispatch", "auto"), ("last_norm", False), ("gate_offset", False), ("expert_dim", None)]
 						  if getattr(self, name) != default)
 		return f"n_experts={self.n_experts}, top_k={self.top_k}, temperature={self.temperature}, " \
 			f"aux_coef={self.aux_coef}, zloss_coef={self.zloss_coef}, history_rows={rows}{options}"

@@ -18,7 +18,7 @@ HEADS = ("encoder", "dynamics", "reward", "termination", "pi")
 # Settings that decide the shapes or the meaning of the world model's parameters: a checkpoint must
 # match them (a checkpoint saved before a setting existed has its default).
 ARCHITECTURE = ("use_moe", "moe_experts", "moe_heads", "moe_shared_head", "moe_orthogonal", "moe_balance",
-				"moe_gate_input", "moe_last_norm", "moe_gate_offset")
+				"moe_gate_input", "moe_last_norm", "moe_gate_offset", "moe_expert_dim")
 BALANCES = ("switch", "kl")
 GATE_INPUTS = ("input", "task")
 PRESETS = ("fork",)
@@ -107,6 +107,7 @@ class MoESettings:
 	moe_temperature_freeze_unit: str = "updates"
 	moe_last_norm: bool = False
 	moe_gate_offset: bool = False
+	moe_expert_dim: int = None
 	moe_preset: str = None
 	moe_dispatch: str = "auto"
 	# Long runs (checkpoint.py): write work_dir/checkpoints/latest.pt every N environment steps (0: never),
@@ -190,6 +191,7 @@ class MoESettings:
 												FREEZE_UNITS),
 			moe_last_norm=_as_bool("moe_last_norm", raw["moe_last_norm"]),
 			moe_gate_offset=_as_bool("moe_gate_offset", raw["moe_gate_offset"]),
+			moe_expert_dim=None if raw["moe_expert_dim"] is None else check_int("moe_expert_dim", raw["moe_expert_dim"], 1),
 			moe_preset=None if raw["moe_preset"] is None else _one_of("moe_preset", raw["moe_preset"], PRESETS),
 			moe_dispatch=_one_of("moe_dispatch", raw["moe_dispatch"], DISPATCHES),
 			checkpoint_interval=check_int("checkpoint_interval", raw["checkpoint_interval"], 0),
@@ -209,7 +211,8 @@ class MoESettings:
 					shared_head=self.moe_shared_head, orthogonal=self.moe_orthogonal,
 					target_entropy=self.moe_target_entropy, temperature_bounds=self.moe_temperature_bounds,
 					temperature_rate=self.moe_temperature_rate, temperature_freeze=self.moe_temperature_freeze,
-					dispatch=self.moe_dispatch, last_norm=self.moe_last_norm, gate_offset=self.moe_gate_offset)
+					dispatch=self.moe_dispatch, last_norm=self.moe_last_norm, gate_offset=self.moe_gate_offset,
+					expert_dim=self.moe_expert_dim)
 
 	def checkpoint_dict(self):
 		"""Returns the settings a checkpoint records, as plain Python types (loadable with weights_only=True)."""
@@ -222,7 +225,7 @@ class MoESettings:
 					moe_temperature_bounds=list(self.moe_temperature_bounds),
 					moe_temperature_rate=self.moe_temperature_rate, moe_temperature_freeze=self.moe_temperature_freeze,
 					moe_temperature_freeze_unit=self.moe_temperature_freeze_unit, moe_last_norm=self.moe_last_norm,
-					moe_gate_offset=self.moe_gate_offset, moe_preset=self.moe_preset)
+					moe_gate_offset=self.moe_gate_offset, moe_expert_dim=self.moe_expert_dim, moe_preset=self.moe_preset)
 
 
 def fork_preset(experts, steps=None, multitask=False):
