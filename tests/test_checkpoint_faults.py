@@ -19,6 +19,8 @@ import torch
 
 from tdmpc2_moe import checkpoint
 
+pytestmark = pytest.mark.slow  # builds, compiles, soaks or kills runs: minutes (pyproject.toml)
+
 ARGS = ["task=walker-walk", "steps=700", "seed_steps=0", "eval_freq=100000", "eval_episodes=1", "enable_wandb=false",
 		"compile=false", "save_video=false", "device=cpu", "model_size=1", "batch_size=4", "num_q=2", "horizon=1",
 		"mpc=false", "use_moe=true", "moe_experts=2", "monitor_mem_interval=0", "checkpoint_interval=500"]

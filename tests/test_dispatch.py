@@ -219,6 +219,7 @@ def test_auto_rule_and_refusals():
 # padded one) reads nothing on the host.
 @pytest.mark.parametrize("dispatch,backend", [("dense", "eager"), ("dense", "aot_eager"), ("sparse", "eager"),
 											  ("sparse", "aot_eager"), ("sparse", "inductor")])
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager(dispatch, backend):
 	# Each compiled block adds graphs for MoEBlock.forward's code object (grad and no_grad): start and end
 	# with dynamo's caches empty so that the suite's other compile tests stay within the recompile limit.

@@ -213,6 +213,7 @@ def test_sizes_come_from_the_file_when_the_task_cannot_be_made_here(fork_runs, t
 	assert torch.load(out, weights_only=True)["model"]["_encoder.state.0.weight"].shape == (256, 24)
 
 
+@pytest.mark.slow
 def test_play_and_training_start_from_an_imported_checkpoint(fork_runs, tdmpc2_root, tmp_path, capsys):
 	out = tmp_path / "imported.pt"
 	assert cli_main(["import-fork", "--tdmpc2", str(tdmpc2_root), str(fork_runs["walker-walk"] / "fork.pt"),

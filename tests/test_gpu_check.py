@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["build", "backend", "tests", "cuda_graph", "sanitizer_memcheck", "sanitizer_racecheck", "sanitizer_synccheck",
+STEPS = ["build", "backend", "self_check", "tests", "cuda_graph", "sanitizer_memcheck", "sanitizer_racecheck", "sanitizer_synccheck",
 		 "bench_gating"]
 
 
+@pytest.mark.slow
 def test_dry_run_checks_every_step(tmp_path):
 	env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
 	result = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,

@@ -24,6 +24,7 @@ def _agent(cfg, seed=0):
 	return TDMPC2(cfg)
 
 
+@pytest.mark.slow
 def test_updates_and_planning_on_walker_shaped_data(walker_cfg, make_buffer):
 	cfg = walker_cfg("use_moe=true")
 	agent = _agent(cfg)
@@ -84,6 +85,7 @@ def _compiled_update(walker_cfg, make_buffer, monkeypatch, *overrides):
 	return info, explain.output()
 
 
+@pytest.mark.slow
 def test_compiled_update_runs_the_plugin_without_adding_graphs(walker_cfg, make_buffer, monkeypatch):
 	moe_info, moe = _compiled_update(walker_cfg, make_buffer, monkeypatch, "use_moe=true")
 	plain_info, plain = _compiled_update(walker_cfg, make_buffer, monkeypatch)
@@ -109,6 +111,7 @@ def _graph_starts(explain):
 	return starts
 
 
+@pytest.mark.slow
 def test_resident_memory_flat_over_2000_updates(walker_cfg, make_buffer):
 	# A narrow model (widths 64/32 instead of model_size=1's 384/128) and batch_size=16 keep 2,200 CPU
 	# updates within the test budget. Leaks scale with forwards, not widths: the fork's gate list
@@ -201,6 +204,7 @@ def test_moe_init_experts_rejects_a_moe_checkpoint(walker_cfg, tmp_path):
 		_agent(walker_cfg("use_moe=true", "moe_experts=2", f"moe_init_experts=[{path},{path}]"))
 
 
+@pytest.mark.slow
 def test_train_command_runs_upstream_trainer_on_cpu(tdmpc2_root, tmp_path):
 	# seed_steps=500 is one walker episode (the buffer needs one before the first update); mpc=false
 	# keeps the evaluation episode cheap. The pretraining phase runs 500 MoE updates.

@@ -133,6 +133,7 @@ def test_windows_match_upstreams_batch_layout():
 
 # ---- with a TD-MPC2 checkout ----
 
+@pytest.mark.slow
 def test_tiny_training_run_then_resume(tdmpc2_root, tmp_path):
 	run = learning.Run(tmp_path, "cartpole-balance", "plain", 1, 500, 500, tdmpc2_root, TINY)
 	lines = []
@@ -150,6 +151,7 @@ def test_tiny_training_run_then_resume(tdmpc2_root, tmp_path):
 	assert again == {run.name: "complete"} and run.csv.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_tiny_moe_run_saves_its_routing_over_training(tdmpc2_root, tmp_path):
 	# 500 pretraining updates with snapshots every GATE_SNAPSHOT_EVERY (250): snapshots at updates 250 and 500.
 	run = learning.Run(tmp_path, "cartpole-balance", "moe", 1, 500, 500, tdmpc2_root, TINY)

@@ -111,6 +111,7 @@ def _mt30_cfg(walker_cfg, *overrides):
 	return cfg
 
 
+@pytest.mark.slow
 def test_offline_multitask_training_with_the_fork_preset(walker_cfg, tdmpc2_root, tmp_path):
 	records, stdout = _train_offline(tdmpc2_root, tmp_path, "use_moe=true", "moe_preset=fork")
 	assert "Dynamics: MoEBlock" in stdout and "Reward: MoEBlock" in stdout

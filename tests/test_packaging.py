@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds, compiles, soaks or kills runs: minutes (pyproject.toml)
+
 REPO = Path(__file__).resolve().parent.parent
 PROBE = ("import warnings, torch, tdmpc2_moe\n"
 		 "warnings.simplefilter('always')\n"

@@ -15,7 +15,9 @@ import torch
 from tdmpc2_moe.baselines import LeakyMoEBlock
 from tdmpc2_moe.moe import MoEBlock
 
-pytestmark = pytest.mark.filterwarnings("ignore:tdmpc2_moe._C is not built")
+
+# Soaks run for minutes (pyproject.toml: `slow`).
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:tdmpc2_moe._C is not built")]
 
 NO_GRAD_FORWARDS = 50_000
 TRAIN_STEPS = 10_000
