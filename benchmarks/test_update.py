@@ -256,7 +256,8 @@ def summarize(path):
 			m = median.get((group, variant))
 			plain = median.get((group, "plain"), float("nan"))
 			leaky = median.get((group, _leaky_of(variant)), float("nan"))
-			cells.append("- | - | -" if m is None else f"{m:.1f} | {m / plain:.2f}x | {m / leaky:.2f}x")
+			to_leaky = "-" if leaky != leaky else f"{m / leaky:.2f}x" if m is not None else "-"  # NaN: no leaky variant run
+			cells.append("- | - | -" if m is None else f"{m:.1f} | {m / plain:.2f}x | {to_leaky}")
 		params, macs = cost.get(variant, (None, None))
 		size = "- | -" if params is None else f"{params / 1e6:.2f} M | {macs / 1e3:.0f} k"
 		lines.append(f"| {variant} | {size} | {' | '.join(cells)} |")

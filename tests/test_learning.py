@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "learning"))
 import learning  # noqa: E402
 import report  # noqa: E402
+import mt_fit  # noqa: E402
 import wm_fit  # noqa: E402
 
 # One 500-step episode of cartpole-balance (evaluations happen at episode ends, and upstream's buffer
@@ -204,3 +205,24 @@ def test_world_model_fit_records_deterministically(tdmpc2_root, tmp_path):
 	b = wm_fit.record("cartpole-balance", 1, 20, 5, tdmpc2_root, cache=tmp_path / "c.pt")
 	assert all(torch.equal(a[k], b[k]) for k in ("obs", "action", "reward"))
 	assert a["action"].abs().max() <= 1 and a["reward"].min() >= 0
+
+
+def test_multitask_fit_on_real_transitions_tiny(tdmpc2_root, tmp_path):
+	# Two mt30 tasks recorded through upstream's environments, padded to mt30's layout; plain and the
+	# compute-matched MoE fit on the same batches; held-out losses per task and overall.
+	result = mt_fit.benchmark(tasks=("reacher-easy", "cartpole-swingup"), episodes=2, steps=20, updates=3,
+							  held_out_windows=16, variants=("plain", "matched"), model_seeds=(1,),
+							  tdmpc2=tdmpc2_root, cache_dir=tmp_path)
+	assert list(result["variants"]) == ["plain", "matched"]
+	for name, r in result["variants"].items():
+		assert set(r["final"]) == {"reacher-easy", "cartpole-swingup", "overall"}
+		for task, losses in r["final"].items():
+			assert all(math.isfinite(losses[k]) and losses[k] >= 0 for k in mt_fit.LOSSES), (name, task)
+		assert r["ms_per_update"] > 0
+	text = mt_fit.table(result)
+	assert "| overall | matched |" in text and "| reacher-easy | plain |" in text
+	data = mt_fit.record_multitask(("reacher-easy", "cartpole-swingup"), 2, 20, 1, tdmpc2_root, tmp_path)
+	assert data["obs"].shape == (2, 2, 21, 24) and data["action"].shape == (2, 2, 20, 6)
+	assert data["action_dims"] == [2, 1] and data["index"].tolist() == [4, 10]
+	# padding: past each task's own sizes the observations and actions are zero
+	assert (data["obs"][0, ..., 6:] == 0).all() and (data["action"][1, ..., 1:] == 0).all()

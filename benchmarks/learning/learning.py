@@ -1,6 +1,7 @@
 """
 Learning benchmark: real upstream TD-MPC2 online training through `tdmpc2-moe train` for several
-variants (plain TD-MPC2, MoE top-2 of 4 on today's default heads, the fork preset) with identical
+variants (plain TD-MPC2, MoE top-2 of 4 on today's default heads, the fork preset, compute-matched
+MoE: top-2 of 8 experts of half the width) with identical
 settings and seeds, episode return against environment steps per variant and seed.
 
 	python benchmarks/learning/learning.py run --tdmpc2 /root/tdmpc2 --tasks cartpole-balance --seeds 1 2
@@ -43,6 +44,9 @@ VARIANTS = {
 	"plain": ["use_moe=false"],
 	"moe": ["use_moe=true", "moe_experts=4", "moe_top_k=2", f"gate_snapshot_interval={GATE_SNAPSHOT_EVERY}"],
 	"fork": ["moe_preset=fork", "use_moe=true", f"gate_snapshot_interval={GATE_SNAPSHOT_EVERY}"],
+	# Compute-matched (docs/design.md 16): 8 experts of half the width (mlp_dim 384 at model_size=1), top-2.
+	"matched": ["moe_expert_dim=192", "use_moe=true", "moe_experts=8", "moe_top_k=2",
+				f"gate_snapshot_interval={GATE_SNAPSHOT_EVERY}"],
 }
 FIELDS = ("step", "reward", "seed")
 RSS_EVERY_S = 10.0

@@ -96,28 +96,29 @@ def windows(data, episodes, count, horizon, seed):
 
 
 @torch.no_grad()
-def held_out_losses(agent, batch, seed=0):
+def held_out_losses(agent, batch, seed=0, task=None):
 	"""
 	Returns {consistency, reward, value}: upstream's three world-model losses as `_update` defines them
 	(rho-discounted over the horizon, divided by the horizon, and by num_q for the value), on `batch`
-	without a gradient step. Seeds torch with `seed` for the policy sample in the TD target.
+	without a gradient step; `task` ([count] task indices) for a multitask agent. Seeds torch with
+	`seed` for the policy sample in the TD target.
 	"""
 	from common import math
 	cfg, model = agent.cfg, agent.model
 	obs, action, reward, terminated = batch
 	torch.manual_seed(seed)
 	model.eval()
-	next_z = model.encode(obs[1:], None)
-	td_targets = agent._td_target(next_z, reward, terminated, None)
-	z = model.encode(obs[0], None)
+	next_z = model.encode(obs[1:], task)
+	td_targets = agent._td_target(next_z, reward, terminated, task)
+	z = model.encode(obs[0], task)
 	zs, consistency = [z], 0.0
 	for t in range(cfg.horizon):
-		z = model.next(z, action[t], None)
+		z = model.next(z, action[t], task)
 		consistency += F.mse_loss(z, next_z[t]).item() * cfg.rho ** t
 		zs.append(z)
 	zs = torch.stack(zs[:-1])
-	qs = model.Q(zs, action, None, return_type="all")
-	reward_preds = model.reward(zs, action, None)
+	qs = model.Q(zs, action, task, return_type="all")
+	reward_preds = model.reward(zs, action, task)
 	reward_loss = value_loss = 0.0
 	for t in range(cfg.horizon):
 		reward_loss += math.soft_ce(reward_preds[t], reward[t], cfg).mean().item() * cfg.rho ** t
