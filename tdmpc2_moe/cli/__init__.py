@@ -1,4 +1,4 @@
-"""`tdmpc2-moe`: train, play, import-fork, analyze, demo, doctor. Each subcommand is a module of this package that parses its own flags."""
+"""`tdmpc2-moe`: train, play, import-fork, compare, analyze, demo, doctor. Each subcommand is a module of this package that parses its own flags."""
 import importlib
 import sys
 
@@ -6,6 +6,7 @@ COMMANDS = {
 	"train": ("tdmpc2_moe.cli.train", "train TD-MPC2 with MoE heads through upstream's trainer"),
 	"play": ("tdmpc2_moe.cli.play", "run a checkpoint and record how the gates weigh the experts"),
 	"import-fork": ("tdmpc2_moe.cli.import_fork", "turn a checkpoint of the TD-MPC2 fork (MooreTDMPC) into a moe_preset=fork one"),
+	"compare": ("tdmpc2_moe.cli.compare", "table and plots of training runs (a sweep's), grouped into variants"),
 	"analyze": ("tdmpc2_moe.cli.analyze", "summary table and plots from a saved weight_stats.npz"),
 	"demo": ("tdmpc2_moe.cli.demo", "leaky fork-style MoE vs MoEBlock, side by side (no TD-MPC2 needed)"),
 	"doctor": ("tdmpc2_moe.cli.doctor", "what runs and why: versions, backend, checkout, patch, rendering"),

@@ -10,6 +10,9 @@ Differences from running upstream `python train.py` (none needs an edit to the c
   max(1000, 5 * episode_length), which makes short runs impossible;
 - `checkpoint_interval=N`, `checkpoint_buffer=true`, `resume=true`: crash-safe checkpoints and resume
   (tdmpc2_moe/resume.py, checkpoint.py);
+- `-m key=a,b ...`: a Hydra multirun on the config's launcher, as upstream's `train.py -m` (sweep.py);
+- the run's composed config (`config.yaml`) and `run.json` (status, wall time) are written into its
+  work_dir next to upstream's `eval.csv`, for `tdmpc2-moe compare`;
 - `checkpoint=PATH` (upstream's key, which its evaluate.py loads with `agent.load`) starts training
   from that model: the agent loads it right after it is built, before the first step. Only the
   world model comes from the file (what `agent.save` writes); optimiser state, replay buffer and
@@ -18,8 +21,11 @@ Differences from running upstream `python train.py` (none needs an edit to the c
 import argparse
 import contextlib
 import importlib
+import json
 import os
 import sys
+import time
+from pathlib import Path
 
 from .. import patching, resume, upstream
 from ..checkpoint import CheckpointError
@@ -35,6 +41,9 @@ def _parser():
 					"can be given as key=value.")
 	parser.add_argument("--tdmpc2", metavar="PATH", default=None,
 						help=f"TD-MPC2 checkout (root or its tdmpc2/ directory); default ${upstream.ENV_VAR}")
+	parser.add_argument("-m", "--multirun", action="store_true",
+						help="a Hydra sweep over comma-separated values (seed=1,2,3 use_moe=true,false) on the "
+							 "config's launcher (hydra/launcher=joblib|submitit_local|submitit_slurm)")
 	parser.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. task=walker-walk")
 	return parser
 
@@ -108,15 +117,37 @@ def prepare(overrides, path=None):
 	return cfg, settings, seed_steps
 
 
+def work_dir(cfg):
+	"""Returns the run's work_dir as upstream's parse_cfg sets it: <original cwd>/logs/<task>/<seed>/<exp_name>."""
+	from hydra.utils import get_original_cwd
+	return Path(get_original_cwd()) / "logs" / str(cfg.task) / str(cfg.seed) / str(cfg.exp_name)
+
+
+def _write_run_files(cfg, status, start):
+	# The run's config and how it went, next to upstream's eval.csv: what `tdmpc2-moe compare` reads.
+	from omegaconf import OmegaConf
+	out = work_dir(cfg)
+	out.mkdir(parents=True, exist_ok=True)
+	if status == "running":
+		OmegaConf.save(cfg, out / "config.yaml")
+	(out / "run.json").write_text(json.dumps(dict(status=status, wall_s=time.time() - start, steps=int(cfg.steps))) + "\n")
+
+
 def run(cfg, settings, seed_steps=None):
-	"""Trains with upstream's `train.train(cfg)` with the patch applied (settings come from `cfg`); returns when done."""
+	"""
+	Trains with upstream's `train.train(cfg)` with the patch applied (settings come from `cfg`); returns
+	when done. Writes the composed config and `run.json` (status, wall time) into the run's work_dir.
+	"""
 	# Upstream's train.py defaults MUJOCO_GL to egl at import; a user's choice is kept.
 	os.environ.setdefault("MUJOCO_GL", "egl")
 	patching.patch()
 	train_module = importlib.import_module("train")
+	start = time.time()
+	_write_run_files(cfg, "running", start)
 	with torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps), \
 			_start_from(train_module, initial_checkpoint(cfg)), resume.resumable(train_module, settings):
 		train_module.train(cfg)
+	_write_run_files(cfg, "finished", start)
 
 
 def main(argv=None):
@@ -126,6 +157,15 @@ def main(argv=None):
 	"""
 	from hydra.errors import HydraException
 	args = _parser().parse_args(argv)
+	if args.multirun:
+		from .. import sweep
+		try:
+			code, lines = sweep.run(args.overrides, args.tdmpc2)
+		except (sweep.SweepError, FileNotFoundError) as exc:
+			print(f"tdmpc2-moe train -m: {exc}", file=sys.stderr)
+			return 2
+		print("\n".join(lines))
+		return code
 	try:
 		cfg, settings, seed_steps = prepare(args.overrides, args.tdmpc2)
 	except (ValueError, FileNotFoundError, HydraException) as exc:
