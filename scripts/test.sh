@@ -14,7 +14,7 @@ if [ -z "${FORK_ROOT:-}" ] && [ -f "$HOME/fork/tdmpc2/Mooretdmpc.py" ]; then
 	export FORK_ROOT="$HOME/fork"
 fi
 echo "TDMPC2_ROOT=${TDMPC2_ROOT:-<unset: integration tests will be skipped>}"
-echo "FORK_ROOT=${FORK_ROOT:-<unset: the tests against the fork's code will be skipped>}"
+echo "FORK_ROOT=${FORK_ROOT:-<unset: the tests against the fork code will be skipped>}"
 export PATH="$VENV/bin:$PATH"
 # Run from tests/ so the installed package (with its built _C), not the source tree, is imported.
 cd tests && exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider -m "" "$@" .
