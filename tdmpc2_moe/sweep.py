@@ -65,8 +65,8 @@ def config_dir(pkg, directory):
 	return directory
 
 
-def compose_launcher(overrides, path=None):
-	"""Returns the composed `hydra.launcher` config of a sweep with `overrides` (how a SLURM launcher is checked without a cluster)."""
+def compose_hydra(overrides, path=None):
+	"""Returns the composed `hydra` config node of a sweep with the `hydra...` entries of `overrides` (launcher, sweep dir)."""
 	from hydra import compose, initialize_config_dir
 	from hydra.core.global_hydra import GlobalHydra
 	pkg = upstream.activate(path)
@@ -74,8 +74,14 @@ def compose_launcher(overrides, path=None):
 		if GlobalHydra.instance().is_initialized():
 			GlobalHydra.instance().clear()
 		with initialize_config_dir(config_dir=config_dir(pkg, tmp), version_base=None):
-			cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
-	return cfg.hydra.launcher
+			cfg = compose(config_name="config", overrides=[o for o in overrides if o.startswith(("hydra/", "hydra."))],
+						  return_hydra_config=True)
+	return cfg.hydra
+
+
+def compose_launcher(overrides, path=None):
+	"""Returns the composed `hydra.launcher` config of a sweep with `overrides` (how a SLURM launcher is checked without a cluster)."""
+	return compose_hydra(overrides, path).launcher
 
 
 def _exp_name(cfg, job_overrides, varying):
@@ -151,11 +157,11 @@ def run(overrides, path=None):
 		stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 		overrides = [*overrides, f"hydra.sweep.dir={Path.cwd() / 'multirun' / stamp}"]
 	try:
-		launcher = compose_launcher([o for o in overrides if o.startswith(("hydra/", "hydra."))], path)
+		hydra_cfg = compose_hydra(overrides, path)
 	except Exception as exc:  # noqa: BLE001 (Hydra's missing-plugin error and its kin)
 		raise SweepError(f"cannot compose the launcher ({(str(exc).strip().splitlines() or [''])[0]}); the "
 						 "launchers are the sweep extra: pip install .[sweep]") from None
-	sweep_dir = Path(str(compose_sweep_dir(overrides, path)))
+	launcher, sweep_dir = hydra_cfg.launcher, Path(str(hydra_cfg.sweep.dir))
 	os.environ[upstream.ENV_VAR] = str(pkg)
 	os.environ[VARYING_ENV] = ",".join(varying_keys(jobs))
 	os.environ.setdefault("MUJOCO_GL", "egl")
@@ -174,20 +180,6 @@ def run(overrides, path=None):
 		finally:
 			sys.argv = argv
 	return summarize(sweep_dir, len(jobs))
-
-
-def compose_sweep_dir(overrides, path=None):
-	"""Returns the sweep directory `overrides` give (hydra.sweep.dir)."""
-	from hydra import compose, initialize_config_dir
-	from hydra.core.global_hydra import GlobalHydra
-	pkg = upstream.activate(path)
-	with tempfile.TemporaryDirectory() as tmp:
-		if GlobalHydra.instance().is_initialized():
-			GlobalHydra.instance().clear()
-		with initialize_config_dir(config_dir=config_dir(pkg, tmp), version_base=None):
-			cfg = compose(config_name="config", overrides=[o for o in overrides if o.startswith(("hydra/", "hydra."))],
-						  return_hydra_config=True)
-	return cfg.hydra.sweep.dir
 
 
 def summarize(sweep_dir, expected):

@@ -49,23 +49,28 @@ def _parser():
 
 
 @contextlib.contextmanager
-def _keep_seed_steps(train_module, seed_steps):
-	"""While active, `train_module.make_env` sets cfg.seed_steps back to `seed_steps` after upstream's heuristic."""
-	if seed_steps is None:
-		yield
-		return
-	make_env = train_module.make_env
-
-	def make_env_keeping_seed_steps(cfg):
-		env = make_env(cfg)
-		cfg.seed_steps = seed_steps
-		return env
-
-	train_module.make_env = make_env_keeping_seed_steps
+def _replaced(module, name, replacement):
+	"""While active, `module.<name>` is `replacement(original)`; the original is put back after."""
+	original = getattr(module, name)
+	setattr(module, name, replacement(original))
 	try:
 		yield
 	finally:
-		train_module.make_env = make_env
+		setattr(module, name, original)
+
+
+def _keep_seed_steps(train_module, seed_steps):
+	"""While active, `train_module.make_env` sets cfg.seed_steps back to `seed_steps` after upstream's heuristic."""
+	if seed_steps is None:
+		return contextlib.nullcontext()
+
+	def keeping_seed_steps(make_env):
+		def make_env_keeping_seed_steps(cfg):
+			env = make_env(cfg)
+			cfg.seed_steps = seed_steps
+			return env
+		return make_env_keeping_seed_steps
+	return _replaced(train_module, "make_env", keeping_seed_steps)
 
 
 def initial_checkpoint(cfg):
@@ -79,25 +84,19 @@ def initial_checkpoint(cfg):
 	return path
 
 
-@contextlib.contextmanager
 def _start_from(train_module, path):
 	"""While active, the agents `train_module` builds load the model at `path` once built (None: no change)."""
 	if path is None:
-		yield
-		return
-	agent_cls = train_module.TDMPC2
+		return contextlib.nullcontext()
 
-	def agent_from_checkpoint(cfg):
-		agent = agent_cls(cfg)
-		agent.load(path)
-		print(f"tdmpc2-moe train: starting from the model in checkpoint={path}")
-		return agent
-
-	train_module.TDMPC2 = agent_from_checkpoint
-	try:
-		yield
-	finally:
-		train_module.TDMPC2 = agent_cls
+	def loading(agent_cls):
+		def agent_from_checkpoint(cfg):
+			agent = agent_cls(cfg)
+			agent.load(path)
+			print(f"tdmpc2-moe train: starting from the model in checkpoint={path}")
+			return agent
+		return agent_from_checkpoint
+	return _replaced(train_module, "TDMPC2", loading)
 
 
 def prepare(overrides, path=None):
