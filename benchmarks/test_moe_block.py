@@ -110,7 +110,7 @@ def _padded(block):
 	"""Returns a forward of `block` through the padded sparse path (what CUDA and torch.compile run)."""
 	def forward(x):
 		gate = block.route(x)
-		return run_padded(block.expert_layers, x, group_by_expert(gate.indices, gate.weights, block.n_experts),
+		return run_padded(block.experts.expert_layers, x, group_by_expert(gate.indices, gate.weights, block.n_experts),
 						  block.n_experts)
 	return forward
 

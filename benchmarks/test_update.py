@@ -65,8 +65,8 @@ def head_cost(model):
 	for head in (model._dynamics, model._reward, model._pi):
 		params += sum(p.numel() for p in head.parameters())
 		if isinstance(head, MoEBlock):
-			expert = sum(layer.weight[0].numel() for layer in head.expert_layers)
-			shared = head[-1].weight.numel() if head.shared_head else 0
+			expert = sum(layer.weight[0].numel() for layer in head.experts.expert_layers)
+			shared = head[-1].weight.numel() if head.options.shared_head else 0
 			macs += head.gate.weight.numel() + head.top_k * expert + shared
 		else:
 			macs += sum(m.weight.numel() for m in head.modules() if isinstance(m, torch.nn.Linear))

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config_keys import check_checkpoint
+
 FORMAT = 1
 FILENAME = "latest.pt"
 
@@ -203,7 +205,6 @@ def agent_state(agent):
 
 def restore_agent(agent, state):
 	"""Loads `agent_state` output into `agent`; raises ValueError naming both sides for other MoE settings."""
-	from .settings import check_checkpoint
 	if getattr(agent.model, "moe_settings", None) is not None:
 		check_checkpoint(state, agent.model.moe_settings)
 	agent.model.load_state_dict(state["model"])

@@ -1,7 +1,8 @@
 """
 Running upstream TD-MPC2's CUDA-only code on another device: upstream hard-codes `cuda:0` in its
-constructors (agent, buffer, running scale, trainer asserts). `torch_on(module, device)` swaps the
-module's global `torch` for a `TorchOn(device)` while such code runs, so the checkout stays
+constructors (agent, buffer, running scale), in `Buffer._init` (which allocates the storage at the
+first `add`, long after construction) and in the trainer's CUDA assert. `torch_on(module, device)`
+swaps the module's global `torch` for a `TorchOn(device)` while such code runs, so the checkout stays
 unmodified and `device=cpu` works on a machine without CUDA.
 """
 import contextlib

@@ -56,12 +56,11 @@ def choose(dispatch, *, static, grad, rows, n_experts, top_k, orthogonal):
 	runs on every row: MoEBlock refuses dispatch="sparse" with it) and gains nothing when
 	top_k == n_experts (every expert runs on every row either way); "auto" picks dense then, and for
 	an empty batch. Otherwise "auto" follows the CPU measurements in benchmarks/README.md section 5:
-	- exact groups: sparse from SPARSE_MIN_ROWS rows when E >= 2k (at 8 rows, E=4 k=2 measured even),
-	  from SPARSE_MIN_ROWS_NARROW rows when k < E < 2k (E=3 k=2 lost at 8 rows, was even at 24);
-	- padded (CUDA, torch.compile): sparse when E >= 2k, from SPARSE_MIN_ROWS rows without grad
-	  (it won every no_grad shape measured) and from PADDED_MIN_ROWS_GRAD rows with grad (its backward
-	  reduces a weight gradient per tile: at 256 rows it lost up to 1.3x for k=2, at 1536 it won
-	  every shape). Not yet measured on a GPU: the rule is the CPU's.
+	- exact groups: sparse from SPARSE_MIN_ROWS rows when E >= 2k, from SPARSE_MIN_ROWS_NARROW rows
+	  when k < E < 2k (fewer experts per row skipped: sparse needs more rows to pay for the grouping);
+	- padded (CUDA, torch.compile): sparse when E >= 2k, from SPARSE_MIN_ROWS rows without grad and
+	  from PADDED_MIN_ROWS_GRAD rows with grad (its backward reduces a weight gradient per tile, which
+	  small batches do not repay). Not yet measured on a GPU: the rule is the CPU's.
 	"""
 	if dispatch != "auto":
 		return dispatch
@@ -110,10 +109,9 @@ def tile_rows(slots, n_experts):
 	"""
 	Returns the tile size T of the padded path for `slots` = N*k routing slots: half the mean slots per
 	expert, rounded down to a power of two in 8..1024. The padded buffer holds up to
-	slots + E * (T - 1) rows (at most about 1.5x the slots here), and each tile gathers its expert's
-	weights (and its weight gradient is reduced back per tile): a smaller T wastes fewer rows, a
-	larger one gathers fewer weight copies. Measured on the CPU (benchmarks/README.md section 5), this T beat
-	a quarter of the mean capped at 128 at every shape tried, by up to 1.6x at N=8192, E=4, k=2.
+	slots + E * (T - 1) rows, and each tile gathers its expert's weights (and its weight gradient is
+	reduced back per tile): a smaller T wastes fewer rows, a larger one gathers fewer weight copies.
+	The choice is the faster of the ones measured on the CPU (benchmarks/README.md section 5).
 	"""
 	half = max(slots // (2 * n_experts), 1)
 	return min(1024, max(8, 1 << (half.bit_length() - 1)))

@@ -3,10 +3,12 @@ MoEBlock under `torch.distributed` (DistributedDataParallel): what stays on each
 statistics combined across ranks.
 
 What DDP does with a MoEBlock (tested with 2 CPU processes on gloo, tests/test_distributed.py):
-- Gradients: in dense dispatch every expert runs on every row, so every parameter (experts and gate)
-  is in every rank's autograd graph; an expert that no row of a rank picked gets a zero gradient,
-  not a missing one. DDP needs no `find_unused_parameters=True`, and after each step the parameters
-  are identical on every rank and equal those of one process trained on the concatenated batch.
+- Gradients: every parameter (experts and gate) is in every rank's autograd graph in both dispatch
+  modes. Dense runs every expert on every row; sparse runs each expert on its rows only, through
+  views of the stacked expert parameters (`ExpertLinear.expert_views`, or the per-tile gather of the
+  padded path), whose backward writes zeros for an expert that no row of the rank picked: a zero
+  gradient, not a missing one. DDP needs no `find_unused_parameters=True`, and after each step the
+  parameters are identical on every rank and equal those of one process trained on the whole batch.
 - Aux loss (load balancing + z-loss) is rank-local: each rank's forward attaches the aux loss of its
   own rows, and DDP averages the gradients, so the model is trained on the mean over ranks of the
   per-rank aux losses. The z-loss is a mean over rows and equals its full-batch value; the Switch
@@ -25,10 +27,11 @@ import torch
 import torch.distributed as dist
 
 from .moe import MoEBlock
+from .routing_stats import from_sums
 
 # MoEBlock buffers that describe the rows a rank routed: its GateHistory and its latest-batch record.
-_ROUTING_BUFFERS = ("history.ring", "history.cursor", "_last_aux", "_last_usage", "_last_mean_weight",
-					"_last_entropy")
+_ROUTING_BUFFERS = tuple(f"router.{name}" for name in ("history.ring", "history.cursor", "_last_aux", "_last_usage",
+													   "_last_mean_weight", "_last_entropy", "_last_rows"))
 
 
 def routing_buffer_names(module):
@@ -62,18 +65,16 @@ def all_reduce_stats(stats, rows=None, group=None):
 	"""
 	Returns routing statistics over the rows of every rank of `group` (default: the world), from
 	this rank's `stats` (a `MoEBlock.stats()` or `GateHistory.stats()` dict). Every rank must call
-	it (a collective: one all-reduce of E*2 + a few numbers). With R_r the rows of rank r:
-	- `rows`: sum_r R_r;
-	- `mean_weight`, `entropy`: rows-weighted means sum_r R_r x_r / sum_r R_r, which equal the
-	  statistic of the concatenated rows exactly (both are sums over rows divided by the rows);
-	- `usage`: rows-weighted mean too, which equals the share of routing slots of the concatenated
-	  rows when every row fills k slots (a top-k weight is never exactly 0 unless it underflows);
-	- `max_load`: max of the combined usage;
-	- `aux_loss` and any other tensor (a temperature): mean over ranks. The aux loss is rank-local
-	  (see the module docstring); its mean is the aux term DDP's averaged gradient trains.
-	Rows come from `stats["rows"]` (GateHistory.stats), else from `rows` (an int or tensor: the
-	latest batch's rows for MoEBlock.stats() without history); ValueError naming `rows` if neither.
-	A rank with 0 rows adds nothing; with 0 rows on every rank the statistics are zeros.
+	it (a collective: one all-reduce of E*2 + a few numbers). The statistics are per-row sums divided
+	by the rows (routing_stats.py): each rank's sums are recovered from its statistics and rows,
+	added over ranks, and divided by the total rows. So `mean_weight` and `entropy` equal those of the
+	concatenated rows exactly, and `usage` (the share of routing slots) too when every row fills k
+	slots (a top-k weight is never exactly 0 unless it underflows); `max_load` is the combined usage's
+	largest entry, `rows` the sum of the ranks' rows. `aux_loss` and any other tensor (a temperature)
+	are averaged over ranks: the aux loss is rank-local (see the module docstring), and its mean is the
+	aux term DDP's averaged gradient trains. Rows come from `stats["rows"]`, else from `rows` (an int
+	or tensor); ValueError naming `rows` if neither. A rank with 0 rows adds nothing; with 0 rows on
+	every rank the statistics are zeros.
 	"""
 	if not isinstance(stats, dict) or not {"usage", "mean_weight", "entropy"} <= set(stats):
 		raise ValueError("stats must be a dict from MoEBlock.stats() or GateHistory.stats() "
@@ -81,26 +82,23 @@ def all_reduce_stats(stats, rows=None, group=None):
 	if "rows" in stats:
 		rows = stats["rows"]
 	elif rows is None:
-		raise ValueError("rows must be given when stats has no 'rows' (MoEBlock.stats() without gate history): "
-						 "pass the number of rows of the latest batch")
+		raise ValueError("rows must be given when stats has no 'rows': pass the number of rows of the latest batch")
 	usage = stats["usage"]
 	device, n_experts = usage.device, usage.shape[0]
 	r = torch.as_tensor(rows, dtype=torch.float64, device=device).reshape(1)
 	others = sorted(k for k, v in stats.items()
 					if k not in ("usage", "mean_weight", "entropy", "max_load", "rows") and torch.is_tensor(v))
-	# One packed float64 vector, one all-reduce: [R*usage, R*mean_weight, R*entropy, R, other..., 1].
+	# One packed float64 vector, one all-reduce: [slots, weight sums, entropy sum, rows, other..., 1]; a rank's
+	# slots are R * usage up to the factor k, which is the same on every rank and cancels in the share.
 	packed = torch.cat([r * usage.double(), r * stats["mean_weight"].double(), r * stats["entropy"].double().reshape(1),
 						r, *[stats[k].double().reshape(1) for k in others], torch.ones(1, dtype=torch.float64, device=device)])
 	dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
 	total_rows, ranks = packed[2 * n_experts + 1], packed[-1]
-	denom = total_rows.clamp(min=1)
-	out = {
-		"usage": (packed[:n_experts] / denom).to(usage.dtype),
-		"mean_weight": (packed[n_experts:2 * n_experts] / denom).to(stats["mean_weight"].dtype),
-		"entropy": (packed[2 * n_experts] / denom).to(stats["entropy"].dtype),
-	}
-	out["max_load"] = out["usage"].max()
-	out["rows"] = total_rows.round().long()
+	sums = {"slots": packed[:n_experts], "weight": packed[n_experts:2 * n_experts], "entropy": packed[2 * n_experts]}
+	out = from_sums(sums, total_rows)
+	out = {"usage": out["usage"].to(usage.dtype), "mean_weight": out["mean_weight"].to(stats["mean_weight"].dtype),
+		   "entropy": out["entropy"].to(stats["entropy"].dtype), "max_load": out["max_load"].to(usage.dtype),
+		   "rows": total_rows.round().long()}
 	for i, k in enumerate(others):
 		out[k] = (packed[2 * n_experts + 2 + i] / ranks).to(stats[k].dtype).reshape(stats[k].shape)
 	return out

@@ -1,95 +1,111 @@
 """
-ExpertLinear: E parallel Linear (or TD-MPC2 NormedLinear) layers stored batched, the layers every
-MoEBlock expert is made of. Stacked weights ([E, out, in]) let one batched matmul run all experts
-of a layer, and keep `block[-1].weight` meaning "the last layer of every expert" for upstream code.
+Experts: what a MoEBlock computes once its router has chosen (docs/design.md 5, 5a, 5b). E experts of
+TD-MPC2's layer structure stored batched (expert_layers.py), the shared last layer, the
+orthonormalisation of the experts' features, and how the experts run: dense (every expert on every
+row) or sparse (each row's top-k experts only, dispatch.py). It takes the routing as an argument, a
+`Gate`, and knows nothing of how it was chosen.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .dispatch import choose, group_by_expert, run_expert, run_grouped, run_padded, static_path
+from .expert_layers import ExpertLinear, SharedLinear
+from .ops import orthonormalize
 
 
-class ExpertLinear(nn.Module):
+class Experts(nn.Module):
 	"""
-	E parallel Linear layers, stored batched (`weight` [E, out, in], `bias` [E, out]) so that one
-	batched matmul runs every expert. With `norm=True` it is the batched counterpart of TD-MPC2's
-	NormedLinear: Linear -> dropout -> per-expert LayerNorm -> `act` (Mish unless given).
+	The experts of a MoEBlock with `options` (settings.BlockOptions): hidden widths `mlp_dims` (each
+	`expert_dim` wide when that is set), then `out_dim`; NormedLinear hidden layers with `dropout` on
+	the first, a last layer that is a plain Linear, or a NormedLinear with `act` (or with `last_norm`).
+	With `shared_head` the experts are the hidden layers and `layers[-1]` is one SharedLinear run after
+	mixing. `batched` picks how the dense path runs the experts: one batched matmul per layer (True) or
+	per expert on views of the stacked weights (False); None (default) is per expert on the CPU, where
+	BLAS GEMMs with a fused LayerNorm beat bmm with a separate affine (benchmarks/README.md section 2).
 	"""
 
-	def __init__(self, n_experts, in_features, out_features, *, norm=False, act=None, dropout=0.):
+	def __init__(self, in_dim, mlp_dims, out_dim, act, dropout, options):
 		super().__init__()
-		self.n_experts, self.in_features, self.out_features = n_experts, in_features, out_features
-		self.weight = nn.Parameter(torch.empty(n_experts, out_features, in_features))
-		self.bias = nn.Parameter(torch.empty(n_experts, out_features))
-		self.norm = norm
-		if norm:
-			self.ln_weight = nn.Parameter(torch.ones(n_experts, out_features))
-			self.ln_bias = nn.Parameter(torch.zeros(n_experts, out_features))
-			self.act = act if act is not None else nn.Mish(inplace=False)
-			self.dropout = nn.Dropout(dropout, inplace=False) if dropout else None
-		self.reset_parameters()
-
-	def reset_parameters(self):
-		"""TD-MPC2's `init.weight_init` for every expert: truncated normal (std 0.02) weights, zero bias."""
-		nn.init.trunc_normal_(self.weight, std=0.02)
-		nn.init.zeros_(self.bias)
-		if self.norm:
-			nn.init.ones_(self.ln_weight)
-			nn.init.zeros_(self.ln_bias)
-
-	def forward(self, x):
-		"""
-		Returns [E, N, out]. `x` is [N, in] (the block input, shared by every expert: one matmul
-		against all experts' weights) or [E, N, in] (each expert's own hidden state: one bmm).
-		"""
-		if x.dim() == 2:
-			w = self.weight.reshape(self.n_experts * self.out_features, self.in_features)
-			y = F.linear(x, w).view(x.shape[0], self.n_experts, self.out_features).transpose(0, 1)
-			y = y + self.bias.unsqueeze(1)
+		self.options = options
+		if options.expert_dim is not None:
+			mlp_dims = [options.expert_dim] * len(mlp_dims)
+		if options.shared_head and not mlp_dims:
+			raise ValueError("shared_head=True needs at least one hidden layer (mlp_dims is empty): the experts "
+							 "are the hidden layers and the last layer is shared")
+		if options.orthogonal:
+			width, what = (mlp_dims[-1], "mlp_dims[-1]") if options.shared_head else (out_dim, "out_dim")
+			if options.n_experts > width:
+				raise ValueError(f"orthogonal=True needs n_experts <= the width of the mixed features ({what}={width}), "
+								 f"got n_experts={options.n_experts}: at most {width} vectors of width {width} can be "
+								 "orthonormal")
+		e, dims = options.n_experts, [in_dim, *mlp_dims, out_dim]
+		layers = [ExpertLinear(e, dims[i], dims[i + 1], norm=True, dropout=dropout * (i == 0)) for i in range(len(dims) - 2)]
+		last_is_normed = act is not None or options.last_norm
+		if options.shared_head:
+			layers.append(SharedLinear(dims[-2], dims[-1], norm=last_is_normed, act=act))
 		else:
-			y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-		if not self.norm:
-			return y
-		if self.dropout is not None:
-			y = self.dropout(y)
-		y = F.layer_norm(y, (self.out_features,))
-		return self.act(torch.addcmul(self.ln_bias.unsqueeze(1), y, self.ln_weight.unsqueeze(1)))
+			layers.append(ExpertLinear(e, dims[-2], dims[-1], norm=last_is_normed, act=act))
+		self.layers = nn.ModuleList(layers)
+		self.batched = None
 
-	def expert_views(self):
-		"""
-		Returns each expert's parameters, [(weight, bias, ln_weight, ln_bias)] * E (ln_* None without
-		norm), split from the stacked tensors by one `unbind` each. Indexing `self.weight[e]` per expert
-		would cost, in backward, a full-size zero gradient per view, summed E times; unbind's backward
-		stacks the E gradients once (zeros for experts that were not run).
-		"""
-		params = [self.weight.unbind(0), self.bias.unbind(0)]
-		params += [self.ln_weight.unbind(0), self.ln_bias.unbind(0)] if self.norm else [[None] * self.n_experts] * 2
-		return list(zip(*params))
+	@property
+	def expert_layers(self):
+		"""Returns the layers each expert has its own of: all of them, or the hidden ones with `shared_head`."""
+		return self.layers[:-1] if self.options.shared_head else self.layers
 
-	def forward_with(self, x, weight, bias, ln_weight, ln_bias):
-		"""Returns one expert's output [N, out] for its input `x` [N, in] and its parameters (from `expert_views`)."""
-		y = F.linear(x, weight, bias)
-		if not self.norm:
-			return y
-		if self.dropout is not None:
-			y = self.dropout(y)
-		return self.act(F.layer_norm(y, (self.out_features,), ln_weight, ln_bias))
+	def _is_batched(self, x):
+		return self.batched if self.batched is not None else x.device.type != "cpu"
 
-	def forward_tiles(self, x, tile_expert):
-		"""
-		Returns [T_n, T, out] for tiles of rows `x` [T_n, T, in], tile t run by expert `tile_expert[t]`:
-		one batched matmul against the tiles' gathered weights (the padded sparse dispatch, dispatch.py).
-		"""
-		y = torch.baddbmm(self.bias.index_select(0, tile_expert).unsqueeze(1), x,
-						  self.weight.index_select(0, tile_expert).transpose(1, 2))
-		if not self.norm:
-			return y
-		if self.dropout is not None:
-			y = self.dropout(y)
-		y = F.layer_norm(y, (self.out_features,))
-		return self.act(torch.addcmul(self.ln_bias.index_select(0, tile_expert).unsqueeze(1), y,
-									  self.ln_weight.index_select(0, tile_expert).unsqueeze(1)))
+	def _views(self):
+		return [layer.expert_views() for layer in self.expert_layers]
 
-	def extra_repr(self):
-		act = f", act={self.act.__class__.__name__}" if self.norm else ""
-		return f"n_experts={self.n_experts}, in_features={self.in_features}, out_features={self.out_features}, " \
-			f"norm={self.norm}{act}"
+	def features(self, x):
+		"""
+		Returns every expert's output for `x` [N, in_dim], stacked [E, N, out_dim] (with `shared_head`,
+		the experts' last hidden features [E, N, mlp_dims[-1]], which the shared layer reads once mixed).
+		"""
+		if not self._is_batched(x):
+			views = self._views()
+			return torch.stack([run_expert(self.expert_layers, views, x, e) for e in range(self.options.n_experts)])
+		for layer in self.expert_layers:
+			x = layer(x)
+		return x
+
+	def dispatch_for(self, x):
+		"""Returns "dense" or "sparse": how the experts run the rows `x` [N, in_dim] (`dispatch.choose`)."""
+		o = self.options
+		return choose(o.dispatch, static=static_path(x.device.type), grad=torch.is_grad_enabled(), rows=x.shape[0],
+					  n_experts=o.n_experts, top_k=o.top_k, orthogonal=o.orthogonal)
+
+	def forward(self, x, gate):
+		"""
+		Returns the mixture, routed by `gate` (a Gate of the rows of `x`), of the experts' outputs for
+		`x` [N, in_dim] (with `orthogonal`, of their orthonormalised features; with `shared_head`,
+		passed through the shared last layer): [N, out_dim].
+		"""
+		if self.dispatch_for(x) == "sparse" and x.shape[0]:
+			grouping = group_by_expert(gate.indices, gate.weights, self.options.n_experts)
+			if static_path(x.device.type):
+				out = run_padded(self.expert_layers, x, grouping, self.options.n_experts)
+			else:
+				out = run_grouped(self.expert_layers, x, grouping)
+		else:
+			out = self._dense(x, gate)
+		return self.layers[-1](out) if self.options.shared_head else out
+
+	def _dense(self, x, gate):
+		# Every expert on every row, combined through the dense [N, E] routing matrix.
+		e = self.options.n_experts
+		dtype = self.layers[-1].weight.dtype
+		routing = torch.zeros(x.shape[0], e, dtype=dtype, device=x.device)
+		routing = routing.scatter(1, gate.indices, gate.weights.to(dtype))
+		if self._is_batched(x) or self.options.orthogonal:
+			features = self.features(x)
+			if self.options.orthogonal:
+				features = orthonormalize(features)
+			return (routing.t().unsqueeze(-1) * features).sum(0)
+		views = self._views()
+		out = routing[:, :1] * run_expert(self.expert_layers, views, x, 0)
+		for i in range(1, e):
+			out = torch.addcmul(out, routing[:, i:i + 1], run_expert(self.expert_layers, views, x, i))
+		return out

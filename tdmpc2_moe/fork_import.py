@@ -31,8 +31,8 @@ _UNUSED = re.compile(r"^(_dynamics|_reward)\.(unit_model\..*|_aux_loss)$|^(_Qs|_
 # Upstream's buffers that the fork kept as plain attributes (not in its file): computed from the config.
 _KEPT = ("_action_masks", "log_std_min", "log_std_dif")
 _ENSEMBLE_TARGET = re.compile(r"^(_Qs\.params|_detach_Qs_params|_target_Qs_params)\.(\d+)\.(.+)$")
-_MOE_TARGET = re.compile(r"^(_dynamics|_reward)\.(layers\.(\d+)\.(\w+)|gate\.weight|gate\.bias|"
-						 r"adaptive_temperature\.tau|adaptive_temperature\.forwards)$")
+_MOE_TARGET = re.compile(r"^(_dynamics|_reward)\.(experts\.layers\.(\d+)\.(\w+)|router\.gate\.weight|router\.gate\.bias|"
+						 r"router\.adaptive_temperature\.tau|router\.adaptive_temperature\.forwards)$")
 
 
 class ForkImportError(ValueError):
@@ -103,13 +103,13 @@ def _to_upstream_columns(weight, latent_dim, action_dim, task_dim):
 
 def _moe_value(src, key, match, n_hidden, experts, layout, temperatures):
 	head, rest = match.group(1), match.group(2)
-	if rest == "gate.weight":
+	if rest == "router.gate.weight":
 		return src.take(f"{head}.gate.weight", for_key=key)[:, :-1], f"{head}.gate.weight[:, :-1]"
-	if rest == "gate.bias":
+	if rest == "router.gate.bias":
 		return src.take(f"{head}.gate.weight", for_key=key)[:, -1], f"{head}.gate.weight[:, -1] (temperature column)"
-	if rest == "adaptive_temperature.tau":
+	if rest == "router.adaptive_temperature.tau":
 		return torch.tensor(float(temperatures[head.lstrip("_")])), "--tau-" + head.lstrip("_")
-	if rest == "adaptive_temperature.forwards":
+	if rest == "router.adaptive_temperature.forwards":
 		return src.take(f"{head}.global_step", for_key=key).to(torch.int64), f"{head}.global_step"
 	layer, param = int(match.group(3)), _PARAM[match.group(4)]
 	if layer == n_hidden:  # the shared output layer
@@ -142,8 +142,8 @@ def map_state(path, state, target, *, layout, temperatures):
 	"""
 	src = _Source(path, state)
 	# The index of each MoE head's last (shared) layer is its number of hidden layers.
-	n_hidden = {head: max(int(k.split(".")[2]) for k in target if k.startswith(f"{head}.layers."))
-				for head in MOE_HEADS if f"{head}.gate.weight" in target}
+	n_hidden = {head: max(int(k.split(".")[3]) for k in target if k.startswith(f"{head}.experts.layers."))
+				for head in MOE_HEADS if f"{head}.router.gate.weight" in target}
 	experts = experts_of(state)
 	mapped, lines = {}, []
 	for key, want in target.items():

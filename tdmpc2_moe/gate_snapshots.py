@@ -24,30 +24,22 @@ import os
 import re
 
 import numpy as np
+import torch
 
-from .gate_stats import row_entropy
+from .routing_stats import row_entropy, summarize
 
 SNAPSHOT_ROWS = 2048
 _FILE = re.compile(r"^step_(\d+)\.npz$")
-
-
-def ring_statistics(weights):
-	"""Returns {usage, mean_weight, entropy, rows} of routing vectors `weights` [R, E] (numpy; zeros for R = 0)."""
-	w = np.asarray(weights, dtype=np.float64)
-	rows, e = w.shape
-	slots = (w > 0).sum(0).astype(np.float64)
-	return {"usage": slots / max(slots.sum(), 1.0), "mean_weight": w.sum(0) / max(rows, 1),
-			"entropy": np.float64(row_entropy(w).mean() if rows else 0.0), "rows": np.int64(rows)}
 
 
 def snapshot_arrays(blocks, step):
 	"""Returns the npz arrays of one snapshot of `blocks` ({head: MoEBlock with a history}) at update `step`."""
 	arrays = {"step": np.int64(step), "heads": np.array(list(blocks))}
 	for head, block in blocks.items():
-		weights = block.history.snapshot().numpy()
-		for key, value in ring_statistics(weights).items():
-			arrays[f"{head}/{key}"] = value
-		arrays[f"{head}/weights"] = weights[-SNAPSHOT_ROWS:].astype(np.float32)
+		ring = block.history.snapshot()  # the one host copy; its statistics are computed there, off the device
+		for key in ("usage", "mean_weight", "entropy", "rows"):
+			arrays[f"{head}/{key}"] = np.asarray(summarize(ring)[key])
+		arrays[f"{head}/weights"] = ring[-SNAPSHOT_ROWS:].numpy()
 		arrays[f"{head}/temperature"] = np.float64(block.stats()["temperature"].item())
 	return arrays
 
@@ -73,7 +65,7 @@ def plot_snapshot(path, arrays):
 		heat.set(title=f"{head}: weights (experts x rows)", xlabel="row (oldest -> newest)", ylabel="expert",
 				 yticks=np.arange(w.shape[1]))
 		fig.colorbar(image, ax=heat, fraction=0.03)
-		ent.plot(row_entropy(w), linewidth=0.5)
+		ent.plot(row_entropy(torch.from_numpy(w)).numpy(), linewidth=0.5)
 		ent.set(title=f"entropy (mean {float(arrays[f'{head}/entropy']):.3f} nats)", xlabel="row", ylabel="nats")
 	fig.savefig(path, dpi=80)
 	return path

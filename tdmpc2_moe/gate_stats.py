@@ -29,6 +29,9 @@ import os
 import tempfile
 
 import numpy as np
+import torch
+
+from .routing_stats import row_entropy
 
 DOMINANCE = 0.7
 _DERIVED = ("entropy", "usage", "mean", "std", "dominant", "balanced")
@@ -36,11 +39,9 @@ _PLAN = ("plan_weights", "plan_entropy")
 _TASK_DERIVED = ("task_mean", "task_usage", "task_entropy")
 
 
-def row_entropy(weights):
-	"""Returns the entropy (nats) of each row of `weights` [T, E], with 0 * log 0 taken as 0."""
-	w = np.asarray(weights, dtype=np.float64)
-	logw = np.log(np.where(w > 0, w, 1.0))
-	return -(w * logw).sum(-1)
+def _entropy(weights):
+	# Each row's routing entropy (routing_stats.row_entropy) of a NumPy array [T, E], in float64.
+	return row_entropy(torch.from_numpy(np.asarray(weights, dtype=np.float64))).numpy()
 
 
 def weight_statistics(weights, dominance=DOMINANCE):
@@ -58,7 +59,7 @@ def weight_statistics(weights, dominance=DOMINANCE):
 		raise ValueError("weights must be finite")
 	t, e = w.shape
 	w64 = w.astype(np.float64)
-	entropy = row_entropy(w64)
+	entropy = _entropy(w64)
 	usage = np.bincount(w64.argmax(-1), minlength=e) / t
 	above = w64 > dominance
 	return {
@@ -149,7 +150,7 @@ def task_statistics(weights, episode_lengths, episode_tasks, n_tasks):
 	mean = np.stack([np.bincount(step_task, weights=w[:, i], minlength=n_tasks) for i in range(e)], 1) / steps[:, None]
 	top = np.zeros((n_tasks, e))
 	np.add.at(top, (step_task, w.argmax(-1)), 1.0)
-	entropy = np.bincount(step_task, weights=row_entropy(w), minlength=n_tasks) / steps
+	entropy = np.bincount(step_task, weights=_entropy(w), minlength=n_tasks) / steps
 	return {"steps": steps.astype(np.int64), "mean": mean, "usage": top / steps[:, None], "entropy": entropy}
 
 

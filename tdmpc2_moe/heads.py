@@ -12,7 +12,7 @@ from .moe import MoEBlock
 from .settings import HEADS
 
 # Attribute path of each head in upstream's WorldModel, which is also its checkpoint key prefix
-# (`<prefix>.<layer>.<name>` for a plain head, `<prefix>.gate.weight` for a MoE head's gate).
+# (`<prefix>.<layer>.<name>` for a plain head, `<prefix>.router.gate.weight` for a MoE head's gate).
 HEAD_PREFIX = {"encoder": "_encoder.state", "dynamics": "_dynamics", "reward": "_reward",
 			   "termination": "_termination", "pi": "_pi"}
 assert tuple(HEAD_PREFIX) == HEADS
@@ -71,13 +71,17 @@ def task_columns(head, in_dim, cfg):
 
 
 def block_options(settings, head, in_dim, cfg):
-	"""Returns the MoEBlock keyword arguments of MoE head `head` with input width `in_dim` in the model of `cfg`."""
-	kwargs = settings.block_kwargs()
+	"""
+	Returns the `BlockOptions` of MoE head `head` with input width `in_dim` in the model of `cfg`: the
+	settings' options, with what depends on the head: the freeze in the head's own training forwards,
+	and the task-embedding columns when the gate reads the task.
+	"""
+	per_head = {}
 	if settings.moe_temperature_freeze_unit == "updates":
-		kwargs["temperature_freeze"] *= training_forwards_per_update(head, cfg)
+		per_head["temperature_freeze"] = settings.moe_temperature_freeze * training_forwards_per_update(head, cfg)
 	if settings.moe_gate_input == "task":
-		kwargs["gate_dims"] = task_columns(head, in_dim, cfg)
-	return kwargs
+		per_head["gate_dims"] = task_columns(head, in_dim, cfg)
+	return settings.block_options(**per_head)
 
 
 def load_checkpoint(path):
@@ -116,7 +120,7 @@ def init_experts(model, paths):
 def freeze_experts(model):
 	"""Stops gradients to every expert parameter of the MoE heads of `model`; the gates keep training."""
 	for block in moe_blocks(model).values():
-		for p in block.layers.parameters():
+		for p in block.experts.parameters():
 			p.requires_grad_(False)
 
 

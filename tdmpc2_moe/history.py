@@ -3,11 +3,7 @@ import torch
 import torch.nn as nn
 
 from .checks import check_int
-
-
-def routing_entropy(w, rows):
-	"""Returns the mean routing entropy (nats) of the routing vectors `w` [..., E] over `rows` rows (all-zero rows add nothing)."""
-	return -(w * torch.log(w.clamp(min=1e-12))).sum() / rows
+from .routing_stats import summarize
 
 
 class GateHistory(nn.Module):
@@ -69,18 +65,14 @@ class GateHistory(nn.Module):
 		Returns per-expert statistics over the latest `last` recorded rows (every row in the ring when
 		None), as device tensors (no host sync): `usage` [E] share of routing slots per expert,
 		`mean_weight` [E] mean routing weight, `entropy` [] mean routing entropy (nats), `max_load` []
-		largest usage share, `rows` [] rows used. A small `last` reads only that many rows back.
+		largest usage share, `rows` [] rows used (routing_stats.py). A small `last` reads only that many
+		rows back.
 		"""
 		last = self.capacity if last is None else min(check_int("last", last, 1), self.capacity)
 		back = torch.arange(1, last + 1, device=self.device)
 		w = self.ring.index_select(0, torch.remainder(self.cursor - back, self.capacity)).float()
-		w = w * (back <= self.cursor).unsqueeze(-1)
-		filled = torch.clamp(self.cursor, max=last)
-		rows = filled.clamp(min=1).float()
-		slots = (w > 0).float().sum(0)
-		usage = slots / slots.sum().clamp(min=1)
-		return {"usage": usage, "mean_weight": w.sum(0) / rows, "entropy": routing_entropy(w, rows),
-				"max_load": usage.max(), "rows": filled}
+		w = w * (back <= self.cursor).unsqueeze(-1)  # slots not written yet count nothing
+		return summarize(w, rows=torch.clamp(self.cursor, max=last))
 
 	def extra_repr(self):
 		return f"capacity={self.capacity}, n_experts={self.n_experts}, dtype={self.ring.dtype}"

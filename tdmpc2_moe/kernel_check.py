@@ -18,11 +18,11 @@ import time
 
 import torch
 
+from .backend import BACKEND_ENV, backend
 from .reference import (ORTHONORMALIZE_EPS, orthonormalize_reference, record_reference, topk_gate_backward_reference,
 						topk_gate_reference)
 
 ENV = "TDMPC2_MOE_SELF_CHECK"
-BACKEND_ENV = "TDMPC2_MOE_BACKEND"
 # (name, rows, experts, k, logits dtype, renormalize, temperature, ring capacity, special rows)
 GATE_CASES = [
 	("E=8 k=2", 37, 8, 2, torch.float32, True, 1.0, 64, None),
@@ -141,10 +141,9 @@ def self_check(device=None):
 	"backend", "cases", "seconds"}; without compiled kernels ("reference" backend) there is nothing to
 	check and "cases" is 0. Raises SelfCheckError naming the op, the case and the difference.
 	"""
-	from . import ops
 	device = _device(device)
-	if ops.backend() == "reference" or (device.type == "cuda" and ops.backend() != "cuda"):
-		return {"device": str(device), "backend": ops.backend(), "cases": 0, "seconds": 0.0}
+	if backend() == "reference" or (device.type == "cuda" and backend() != "cuda"):
+		return {"device": str(device), "backend": backend(), "cases": 0, "seconds": 0.0}
 	start = time.perf_counter()
 	g = torch.Generator().manual_seed(20261204)
 	sync_mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else None
@@ -162,7 +161,7 @@ def self_check(device=None):
 		if sync_mode:
 			torch.cuda.set_sync_debug_mode(sync_mode)
 	_checked.add(device)
-	return {"device": str(device), "backend": ops.backend(), "cases": len(GATE_CASES) + len(ORTHO_CASES),
+	return {"device": str(device), "backend": backend(), "cases": len(GATE_CASES) + len(ORTHO_CASES),
 			"seconds": time.perf_counter() - start}
 
 

@@ -1,50 +1,16 @@
 """topk_gate: fused top-k softmax gating with statistics and device-side history recording."""
 import math
-import os
 import struct
 import warnings
 
 import torch
 
-from ._extension import load_compiled
-from .checks import check_int, check_number
 from . import kernel_check
+from .backend import CHOICE, COMPILED, backend, backend_reason  # noqa: F401 (backend, backend_reason: part of ops' API)
+from .checks import check_int, check_number
 from .reference import Gate, record_reference, topk_gate_reference
 
-# TDMPC2_MOE_BACKEND=reference runs the plain-PyTorch reference even where the extension is built (a
-# way around a faulty kernel); "auto" (default) uses the compiled kernels when they load.
-BACKENDS = ("auto", "reference")
-_CHOICE = os.environ.get(kernel_check.BACKEND_ENV, "auto") or "auto"
-if _CHOICE not in BACKENDS:
-	raise ValueError(f"{kernel_check.BACKEND_ENV} must be one of {list(BACKENDS)}, got {_CHOICE!r}")
-# Loading the extension registers torch.ops.tdmpc2_moe.*; None (with the reason) means the reference runs.
-if _CHOICE == "reference":
-	_C, _WHY_REFERENCE = None, f"{kernel_check.BACKEND_ENV}=reference chose the plain-PyTorch reference (the extension is not loaded)"
-else:
-	_C, _WHY_REFERENCE = load_compiled()
-_HAVE_C = _C is not None
-
 _warned = False
-
-
-def backend():
-	"""Returns "cuda" (compiled CUDA kernels usable), "cpu" (compiled CPU kernels) or "reference"."""
-	if not _HAVE_C:
-		return "reference"
-	if torch.cuda.is_available() and getattr(_C, "WITH_CUDA", False):
-		return "cuda"
-	return "cpu"
-
-
-def backend_reason():
-	"""Returns one line saying why `backend()` is what it is (and so why it is not "cuda")."""
-	if not _HAVE_C:
-		return _WHY_REFERENCE
-	if not getattr(_C, "WITH_CUDA", False):
-		return "the extension was built without CUDA kernels (a CPU-only torch, or no nvcc at build time)"
-	if not torch.cuda.is_available():
-		return "the extension has CUDA kernels, but torch sees no CUDA device"
-	return "the extension has CUDA kernels and a CUDA device is available"
 
 
 def _first_use(tensor):
@@ -57,9 +23,9 @@ def _first_use(tensor):
 
 def _warn_reference():
 	global _warned
-	if not _warned and _CHOICE != "reference":
+	if not _warned and CHOICE != "reference":
 		_warned = True
-		warnings.warn(f"{_WHY_REFERENCE}; topk_gate runs the plain-PyTorch reference (slower). Build it with "
+		warnings.warn(f"{backend_reason()}; topk_gate runs the plain-PyTorch reference (slower). Build it with "
 					  "`pip install --no-build-isolation .` next to torch, or install a C++ compiler and ninja "
 					  "for the build on first import", RuntimeWarning, stacklevel=3)
 
@@ -102,7 +68,7 @@ def topk_gate(logits, k, *, temperature=1.0, renormalize=True, history=None) -> 
 	_check_args(logits, k, temperature, history)
 	temperature = float(temperature)
 	renormalize = bool(renormalize)
-	if not _HAVE_C:
+	if not COMPILED:
 		_warn_reference()
 		gate = topk_gate_reference(logits, k, temperature, renormalize)
 		if history is not None:
@@ -166,7 +132,7 @@ def _backward_fake(grad_weights, grad_prob_mean, grad_lse, logits, indices, temp
 	return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-if _HAVE_C:
+if COMPILED:
 	_topk_gate = torch.ops.tdmpc2_moe.topk_gate.default
 	_topk_gate_record = torch.ops.tdmpc2_moe.topk_gate_record.default
 	torch.library.register_fake("tdmpc2_moe::topk_gate", _gate_fake)
@@ -198,7 +164,7 @@ def _orthonormalize_backward_fake(grad, features, eps):
 	return torch.empty_like(features, memory_format=torch.contiguous_format)
 
 
-if _HAVE_C:
+if COMPILED:
 	_orthonormalize = torch.ops.tdmpc2_moe.orthonormalize.default
 	torch.library.register_fake("tdmpc2_moe::orthonormalize", _orthonormalize_fake)
 	torch.library.register_fake("tdmpc2_moe::orthonormalize_backward", _orthonormalize_backward_fake)
@@ -227,7 +193,7 @@ def orthonormalize(features, *, eps=ORTHONORMALIZE_EPS):
 		raise ValueError(f"features: n_experts E={e} exceeds the feature width D={d}; at most D vectors "
 						 "of width D can be orthonormal")
 	check_number("eps", eps, positive=True)
-	if _HAVE_C:
+	if COMPILED:
 		_first_use(features)
 		return _orthonormalize(features, float(eps))
 	return orthonormalize_reference(features, float(eps))

@@ -32,7 +32,8 @@ from .heads import (block_options, built_heads, freeze_experts, head_of_caller, 
 					moe_metrics)
 from .moe import MoEBlock
 from .monitor import MemoryMonitor
-from .settings import MoESettings, check_checkpoint
+from .config_keys import check_checkpoint
+from .settings import MoESettings
 from .upstream import PINNED_COMMIT
 
 # (settings, cfg) of the WorldModel under construction when it uses MoE, else None (construction is
@@ -46,7 +47,7 @@ def _moe_mlp(original):
 		head = head_of_caller(sys._getframe(1)) if _building is not None else None
 		if head is not None and head in _building[0].moe_heads:
 			settings, cfg = _building
-			return MoEBlock(in_dim, mlp_dims, out_dim, act, dropout, **block_options(settings, head, in_dim, cfg))
+			return MoEBlock(in_dim, mlp_dims, out_dim, act, dropout, options=block_options(settings, head, in_dim, cfg))
 		return original(in_dim, mlp_dims, out_dim, act, dropout)
 	return mlp
 

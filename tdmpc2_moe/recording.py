@@ -8,8 +8,8 @@ import os
 import numpy as np
 import torch
 
-from .history import routing_entropy
 from .reference import dense_routing
+from .routing_stats import summarize
 
 
 class GateRecorder:
@@ -38,10 +38,9 @@ class GateRecorder:
 			# Ring slot p holds a row of this step when it is among the `written` slots after the old cursor.
 			age = torch.remainder(torch.arange(cap, device=history.device) - self._before[h], cap)
 			mask = (age < written).unsqueeze(-1)
-			w = history.ring.float() * mask
-			n = torch.clamp(written, min=1).float()
-			self.plan[h][t] = w.sum(0) / n
-			self.plan_entropy[h][t] = routing_entropy(w, n)
+			stats = summarize(history.ring.float() * mask, rows=written)
+			self.plan[h][t] = stats["mean_weight"]
+			self.plan_entropy[h][t] = stats["entropy"]
 
 	@torch.no_grad()
 	def probe(self, t, model, obs, action, task):

@@ -1,24 +1,28 @@
 """
-The plugin's settings (`MoESettings`): names, defaults, validation, how a TD-MPC2 cfg overrides
-them, the config keys they add, and which of them a checkpoint must match.
+The plugin's settings record (docs/design.md 13): every setting exactly once, as a field of the frozen
+dataclass `MoESettings` with its name (the TD-MPC2 config key and `patch()` keyword), type, default,
+check and one line of documentation. Everything else derives from the fields:
+- validation (`MoESettings.__post_init__` runs each field's check, then the checks across fields);
+- `MoESettings.resolve(cfg, **keywords)`: keywords, cfg keys and the preset;
+- MoEBlock's options: a field with a `block` name is the MoEBlock keyword of that name, and
+  `BlockOptions` (the record MoEBlock, its router and its experts read) is generated from those fields;
+- the config keys (`config_defaults`) and `patches/moe.yaml` (`config_yaml`, written by
+  scripts/update_patches.py);
+- what a checkpoint records and must match (a field's `kind`): `checkpoint_dict`, `ARCHITECTURE`,
+  `checkpoint_overrides`, `check_checkpoint`.
+Adding an option: its field here, its use, its test and its line in the README.
 
-This is the bottom of the package's Python layers: it imports nothing of the package but
-`checks.py`, so every other module (and `upstream.py`, which adds these keys to upstream's config)
-can import it without a circle.
+This is the bottom of the package's Python layers: it imports nothing of the package but checks.py.
 """
 import dataclasses
 import math
 
 import torch
 
-from .checks import DISPATCHES, check_int, check_number
+from .checks import DISPATCHES, boolean, bounds, integer, is_pair, names, number, one_of, optional
 
 # The world-model heads that upstream builds with `layers.mlp` and that can become MoE.
 HEADS = ("encoder", "dynamics", "reward", "termination", "pi")
-# Settings that decide the shapes or the meaning of the world model's parameters: a checkpoint must
-# match them (a checkpoint saved before a setting existed has its default).
-ARCHITECTURE = ("use_moe", "moe_experts", "moe_heads", "moe_shared_head", "moe_orthogonal", "moe_balance",
-				"moe_gate_input", "moe_last_norm", "moe_gate_offset", "moe_expert_dim")
 BALANCES = ("switch", "kl")
 GATE_INPUTS = ("input", "task")
 PRESETS = ("fork",)
@@ -26,95 +30,111 @@ PRESETS = ("fork",)
 # (the fork counted forwards: its dynamics head runs `horizon` of them per update).
 FREEZE_UNITS = ("updates", "forwards")
 
-
-def _fail(key, expected, value):
-	raise ValueError(f"{key} must be {expected}, got {value!r}")
-
-
-def _as_bool(key, value):
-	if not isinstance(value, bool):
-		_fail(key, "true or false", value)
-	return value
+# What a checkpoint does with a setting, the field's `kind`:
+SHAPE = "architecture"  # decides the parameters' shapes or meaning: recorded, and a checkpoint must match
+MODEL = "model"  # the gate's forward: recorded, and restored when a checkpoint's model is rebuilt
+TRAINING = "training"  # recorded for the reader, not restored (loss weights, the temperature's rule)
+RUN = "run"  # this process only (diagnostics, devices, files): not recorded
 
 
-def _as_names(key, value):
-	if isinstance(value, str):
-		value = [v.strip() for v in value.split(",") if v.strip()]
-	try:
-		names = tuple(value)
-	except TypeError:
-		_fail(key, "a list of strings", value)
-	if not all(isinstance(n, str) for n in names):
-		_fail(key, "a list of strings", value)
-	return names
+def setting(default, doc, check, *, kind=RUN, block=None):
+	"""
+	Returns the dataclass field of one setting: its `default`, `doc` (its line in patches/moe.yaml),
+	`check(name, value) -> value` (raises ValueError naming it), what a checkpoint does with it
+	(`kind`) and, for a MoEBlock option, the block's keyword for it (`block`).
+	"""
+	return dataclasses.field(default=default, metadata={"doc": doc, "check": check, "kind": kind, "block": block})
 
 
-def _one_of(key, value, choices):
-	if value not in choices:
-		_fail(key, f"one of {list(choices)}", value)
-	return value
-
-
-def _as_bounds(key, value):
-	try:
-		low, high = (check_number(key, v, positive=True) for v in value)
-	except (TypeError, ValueError):
-		_fail(key, "[low, high] with 0 < low <= high", value)
-	if low > high:
-		_fail(key, "[low, high] with 0 < low <= high", value)
-	return low, high
-
-
-def resolve_device(device):
-	"""Returns `device` as a torch.device, or None for None (upstream's own 'cuda:0'). Raises ValueError naming `device`."""
+def resolve_device(name, device):
+	"""Returns `device` as a torch.device, or None for None (upstream's own 'cuda:0'). Raises ValueError naming it."""
 	if device is None or isinstance(device, torch.device):
 		return device
 	try:
 		return torch.device(device)
 	except (RuntimeError, TypeError) as exc:
-		raise ValueError(f"device must be None or a torch device string like 'cpu' or 'cuda:0', got {device!r}") from exc
+		raise ValueError(f"{name} must be None or a torch device string like 'cpu' or 'cuda:0', got {device!r}") from exc
 
 
 @dataclasses.dataclass(frozen=True)
 class MoESettings:
 	"""
-	The plugin's settings, validated; build with `MoESettings.resolve(cfg, **keywords)`.
-	Heads in `moe_heads` that the model does not build with `layers.mlp` (termination when not
-	episodic, the encoder of pixel observations) stay upstream's. `gate_history_rows=0` keeps no gate
-	history and `monitor_mem_interval=0` no memory monitor. `device=None` leaves upstream's cuda:0.
+	The plugin's settings, validated; build with `MoESettings.resolve(cfg, **keywords)`. Heads in
+	`moe_heads` that the model does not build with `layers.mlp` (termination when not episodic, the
+	encoder of pixel observations) stay upstream's. Each field's doc is its line in patches/moe.yaml.
 	"""
-	use_moe: bool = False
-	moe_experts: int = 4
-	moe_top_k: int = 2
-	moe_heads: tuple = ("dynamics", "reward", "pi")
-	moe_temperature: float = 1.0
-	moe_aux_coef: float = 0.01
-	moe_zloss_coef: float = 0.0
-	gate_history_rows: int = 65536
-	monitor_mem_interval: int = 1000
-	gate_snapshot_interval: int = 0
-	device: object = None
-	moe_init_experts: tuple = ()
-	moe_freeze_experts: bool = False
-	moe_balance: str = "switch"
-	moe_shared_head: bool = False
-	moe_orthogonal: bool = False
-	moe_gate_input: str = "input"
-	moe_target_entropy: float = None
-	moe_temperature_bounds: tuple = (0.5, 2.0)
-	moe_temperature_rate: float = 0.02
-	moe_temperature_freeze: int = 0
-	moe_temperature_freeze_unit: str = "updates"
-	moe_last_norm: bool = False
-	moe_gate_offset: bool = False
-	moe_expert_dim: int = None
-	moe_preset: str = None
-	moe_dispatch: str = "auto"
-	# Long runs (checkpoint.py): write work_dir/checkpoints/latest.pt every N environment steps (0: never),
-	# with the replay buffer or not, and continue from it.
-	checkpoint_interval: int = 0
-	checkpoint_buffer: bool = False
-	resume: bool = False
+	use_moe: bool = setting(False, "build the heads in moe_heads as MoEBlocks (false: upstream TD-MPC2)",
+							boolean, kind=SHAPE)
+	moe_preset: str = setting(None, 'null, or fork: the fork\'s MOORE-style model (see the README, "Coming from the fork")',
+							  optional(one_of(*PRESETS)), kind=TRAINING)
+	moe_experts: int = setting(4, "experts per MoE head (1..1024)", integer(1, 1024), kind=SHAPE, block="n_experts")
+	moe_top_k: int = setting(2, "experts mixed per input (1..moe_experts; moe_experts is the dense gate)",
+							 integer(1, 1024), kind=MODEL, block="top_k")
+	moe_heads: tuple = setting(("dynamics", "reward", "pi"), f"which heads: any of {', '.join(HEADS)}",
+							   names(HEADS, unique=True), kind=SHAPE)
+	moe_temperature: float = setting(1.0, "gate softmax temperature (> 0); the start when adapted",
+									 number(positive=True), kind=MODEL, block="temperature")
+	moe_aux_coef: float = setting(0.01, "load-balancing loss weight (>= 0)", number(positive=False), kind=TRAINING,
+								  block="aux_coef")
+	moe_zloss_coef: float = setting(0.0, "router z-loss weight (>= 0)", number(positive=False), kind=TRAINING,
+									block="zloss_coef")
+	moe_balance: str = setting("switch", "load-balancing term: switch, or kl (KL(uniform || mean gate probability))",
+							   one_of(*BALANCES), kind=SHAPE, block="balance")
+	moe_shared_head: bool = setting(False, "true: experts are the hidden layers, one shared last layer after the mix",
+									boolean, kind=SHAPE, block="shared_head")
+	moe_orthogonal: bool = setting(False, "true: Gram-Schmidt the experts' mixed features per input, as MOORE",
+								   boolean, kind=SHAPE, block="orthogonal")
+	moe_gate_input: str = setting("input", "input (the gate reads the head's input) or task (the task embedding; "
+								  "multitask only)", one_of(*GATE_INPUTS), kind=SHAPE)
+	moe_target_entropy: float = setting(None, "null: fixed temperature; H* in nats: adapt the temperature toward "
+										"it after each update", optional(number(positive=False)), kind=MODEL,
+										block="target_entropy")
+	moe_temperature_bounds: tuple = setting((0.5, 2.0), "[low, high] the adapted temperature stays in", bounds,
+											kind=TRAINING, block="temperature_bounds")
+	moe_temperature_rate: float = setting(0.02, "step of the adaptation, tau += rate * tanh(H* - H) (> 0)",
+										  number(positive=True), kind=TRAINING, block="temperature_rate")
+	moe_temperature_freeze: int = setting(0, "updates (or forwards, below) before the temperature starts to adapt",
+										  integer(0), kind=TRAINING, block="temperature_freeze")
+	moe_temperature_freeze_unit: str = setting(
+		"updates", "what the freeze counts: updates, or forwards (each head's own training forwards; dynamics runs "
+		"horizon per update, as the fork counted)", one_of(*FREEZE_UNITS), kind=TRAINING)
+	moe_last_norm: bool = setting(False, "true: the last layer is a NormedLinear (LayerNorm + Mish) on heads whose "
+								  "upstream last layer is a plain Linear (reward, pi), as the fork's reward head",
+								  boolean, kind=SHAPE, block="last_norm")
+	moe_gate_offset: bool = setting(False, "true: gate logits W x / tau + b, the bias not divided by the temperature "
+									"(the fork's temperature column); false: (W x + b) / tau", boolean, kind=SHAPE,
+									block="gate_offset")
+	moe_expert_dim: int = setting(None, "hidden width of every expert layer (null: the head's mlp_dim); e.g. mlp_dim/2 "
+								  "with moe_experts=8 moe_top_k=2 costs what plain costs (README, \"Settings\")",
+								  optional(integer(1)), kind=SHAPE, block="expert_dim")
+	gate_history_rows: int = setting(65536, "rows of gate weights kept per head, on the device (0: none)",
+									 optional(integer(0)), block="history_rows")
+	monitor_mem_interval: int = setting(1000, "updates between memory reports (0: no monitor)", integer(0))
+	gate_snapshot_interval: int = setting(0, "updates between gate snapshots to work_dir/gates/step_<update>.npz + "
+										  ".png (0: none)", integer(0))
+	device: object = setting(None, "null: upstream's cuda:0; cpu trains without CUDA", resolve_device)
+	moe_init_experts: tuple = setting((), "plain TD-MPC2 checkpoints, one per expert, to initialise experts from",
+									  names())
+	moe_freeze_experts: bool = setting(False, "train only the gates (experts frozen)", boolean)
+	moe_dispatch: str = setting("auto", "how MoE heads run their experts: auto (by device and shape), dense (all on "
+								"every input) or sparse (only each input's top-k)", one_of(*DISPATCHES),
+								block="dispatch")
+	checkpoint_interval: int = setting(0, "environment steps between crash-safe checkpoints to "
+									   "work_dir/checkpoints/latest.pt (0: none)", integer(0))
+	checkpoint_buffer: bool = setting(False, "also checkpoint the replay buffer (exact resume; larger file, see "
+									  "README \"Long runs\")", boolean)
+	resume: bool = setting(False, "continue from work_dir/checkpoints/latest.pt (starts at step 0 when there is none)",
+						   boolean)
+
+	def __post_init__(self):
+		for field in dataclasses.fields(self):
+			object.__setattr__(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
+		check_block_options(self._block_values(), lambda option: BLOCK_KEYS[option])
+		if self.moe_init_experts and len(self.moe_init_experts) != self.moe_experts:
+			raise ValueError(f"moe_init_experts must name one checkpoint per expert (moe_experts={self.moe_experts}), "
+							 f"got {len(self.moe_init_experts)}")
+		if self.moe_preset is not None and not self.use_moe:
+			raise ValueError(f"moe_preset={self.moe_preset} builds MoE heads, but use_moe is false: set use_moe=true")
 
 	@classmethod
 	def resolve(cls, cfg=None, **keywords):
@@ -124,108 +144,99 @@ class MoESettings:
 		set explicitly (keyword or cfg value other than None) wins over the preset. Raises ValueError
 		naming the key for an unknown keyword or a bad value.
 		"""
-		names = [f.name for f in dataclasses.fields(cls)]
-		unknown = sorted(set(keywords) - set(names))
+		keys = [f.name for f in dataclasses.fields(cls)]
+		unknown = sorted(set(keywords) - set(keys))
 		if unknown:
-			raise ValueError(f"unknown setting {unknown[0]!r}; settings are {names}")
+			raise ValueError(f"unknown setting {unknown[0]!r}; settings are {keys}")
 		explicit = {k: v for k, v in keywords.items() if v is not None}
 		if cfg is not None:
-			for name in names:
-				value = cfg.get(name, None)
-				if value is not None:
-					explicit[name] = value
-		raw = {name: getattr(cls, name) for name in names}
-		preset = explicit.get("moe_preset")
-		if preset is not None:
-			if preset not in PRESETS:
-				raise ValueError(f"moe_preset must be null or one of {list(PRESETS)}, got {preset!r}")
-			experts = check_int("moe_experts", explicit.get("moe_experts", raw["moe_experts"]), 1, 1024)
-			steps = cfg.get("steps", None) if cfg is not None else None
-			multitask = bool(cfg.get("multitask", False)) if cfg is not None else False
-			raw.update(fork_preset(experts, steps, multitask))
-		raw.update(explicit)
-		settings = cls._validated(raw)
-		if settings.moe_preset is not None and not settings.use_moe:
-			raise ValueError(f"moe_preset={settings.moe_preset} builds MoE heads, but use_moe is false: set use_moe=true")
+			explicit.update({k: cfg.get(k, None) for k in keys if cfg.get(k, None) is not None})
+		values = {}
+		if explicit.get("moe_preset") is not None:
+			one_of(*PRESETS)("moe_preset", explicit["moe_preset"])
+			experts = integer(1, 1024)("moe_experts", explicit.get("moe_experts", cls.moe_experts))
+			values.update(fork_preset(experts, cfg.get("steps", None) if cfg is not None else None,
+									  bool(cfg.get("multitask", False)) if cfg is not None else False))
+		settings = cls(**{**values, **explicit})
 		if settings.moe_gate_input == "task" and settings.use_moe and cfg is not None \
 				and cfg.get("multitask", None) is False:
 			raise ValueError("moe_gate_input=task needs a multitask agent (task=mt30 or mt80): the gate reads the "
 							 "task embedding, and a single-task agent has none; use moe_gate_input=input")
 		return settings
 
-	@classmethod
-	def _validated(cls, raw):
-		experts = check_int("moe_experts", raw["moe_experts"], 1, 1024)
-		heads = _as_names("moe_heads", raw["moe_heads"])
-		for name in heads:
-			if name not in HEADS:
-				raise ValueError(f"moe_heads: unknown head {name!r}; heads are {list(HEADS)}")
-		paths = _as_names("moe_init_experts", raw["moe_init_experts"])
-		if paths and len(paths) != experts:
-			raise ValueError(f"moe_init_experts must name one checkpoint per expert (moe_experts={experts}), "
-							 f"got {len(paths)}")
-		return cls(
-			use_moe=_as_bool("use_moe", raw["use_moe"]),
-			moe_experts=experts,
-			moe_top_k=check_int("moe_top_k", raw["moe_top_k"], 1, experts),
-			moe_heads=tuple(dict.fromkeys(heads)),
-			moe_temperature=check_number("moe_temperature", raw["moe_temperature"], positive=True),
-			moe_aux_coef=check_number("moe_aux_coef", raw["moe_aux_coef"], positive=False),
-			moe_zloss_coef=check_number("moe_zloss_coef", raw["moe_zloss_coef"], positive=False),
-			gate_history_rows=check_int("gate_history_rows", raw["gate_history_rows"], 0),
-			monitor_mem_interval=check_int("monitor_mem_interval", raw["monitor_mem_interval"], 0),
-			gate_snapshot_interval=check_int("gate_snapshot_interval", raw["gate_snapshot_interval"], 0),
-			device=resolve_device(raw["device"]),
-			moe_init_experts=paths,
-			moe_freeze_experts=_as_bool("moe_freeze_experts", raw["moe_freeze_experts"]),
-			moe_balance=_one_of("moe_balance", raw["moe_balance"], BALANCES),
-			moe_shared_head=_as_bool("moe_shared_head", raw["moe_shared_head"]),
-			moe_orthogonal=_as_bool("moe_orthogonal", raw["moe_orthogonal"]),
-			moe_gate_input=_one_of("moe_gate_input", raw["moe_gate_input"], GATE_INPUTS),
-			moe_target_entropy=None if raw["moe_target_entropy"] is None else
-			check_number("moe_target_entropy", raw["moe_target_entropy"], positive=False),
-			moe_temperature_bounds=_as_bounds("moe_temperature_bounds", raw["moe_temperature_bounds"]),
-			moe_temperature_rate=check_number("moe_temperature_rate", raw["moe_temperature_rate"], positive=True),
-			moe_temperature_freeze=check_int("moe_temperature_freeze", raw["moe_temperature_freeze"], 0),
-			moe_temperature_freeze_unit=_one_of("moe_temperature_freeze_unit", raw["moe_temperature_freeze_unit"],
-												FREEZE_UNITS),
-			moe_last_norm=_as_bool("moe_last_norm", raw["moe_last_norm"]),
-			moe_gate_offset=_as_bool("moe_gate_offset", raw["moe_gate_offset"]),
-			moe_expert_dim=None if raw["moe_expert_dim"] is None else check_int("moe_expert_dim", raw["moe_expert_dim"], 1),
-			moe_preset=None if raw["moe_preset"] is None else _one_of("moe_preset", raw["moe_preset"], PRESETS),
-			moe_dispatch=_one_of("moe_dispatch", raw["moe_dispatch"], DISPATCHES),
-			checkpoint_interval=check_int("checkpoint_interval", raw["checkpoint_interval"], 0),
-			checkpoint_buffer=_as_bool("checkpoint_buffer", raw["checkpoint_buffer"]),
-			resume=_as_bool("resume", raw["resume"]),
-		)
+	def _block_values(self):
+		return {f.metadata["block"]: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["block"]}
 
-	def block_kwargs(self):
+	def block_options(self, **per_head):
 		"""
-		Returns the MoEBlock keyword arguments for these settings (gate_history_rows=0: no history).
-		`gate_dims` depends on the head and is added where the head is built (moe_gate_input=task), and
-		`temperature_freeze` is converted there to the head's training forwards (moe_temperature_freeze_unit).
+		Returns the `BlockOptions` of these settings; `per_head` adds what depends on the head (its
+		`gate_dims`, its `temperature_freeze` in training forwards: heads.block_options).
 		"""
-		return dict(n_experts=self.moe_experts, top_k=self.moe_top_k, temperature=self.moe_temperature,
-					aux_coef=self.moe_aux_coef, zloss_coef=self.moe_zloss_coef,
-					history_rows=self.gate_history_rows or None, balance=self.moe_balance,
-					shared_head=self.moe_shared_head, orthogonal=self.moe_orthogonal,
-					target_entropy=self.moe_target_entropy, temperature_bounds=self.moe_temperature_bounds,
-					temperature_rate=self.moe_temperature_rate, temperature_freeze=self.moe_temperature_freeze,
-					dispatch=self.moe_dispatch, last_norm=self.moe_last_norm, gate_offset=self.moe_gate_offset,
-					expert_dim=self.moe_expert_dim)
+		return BlockOptions(**{**self._block_values(), **per_head})
 
 	def checkpoint_dict(self):
-		"""Returns the settings a checkpoint records, as plain Python types (loadable with weights_only=True)."""
-		return dict(use_moe=self.use_moe, moe_experts=self.moe_experts, moe_top_k=self.moe_top_k,
-					moe_heads=list(self.moe_heads), moe_temperature=self.moe_temperature,
-					moe_aux_coef=self.moe_aux_coef, moe_zloss_coef=self.moe_zloss_coef,
-					moe_balance=self.moe_balance, moe_shared_head=self.moe_shared_head,
-					moe_orthogonal=self.moe_orthogonal, moe_gate_input=self.moe_gate_input,
-					moe_target_entropy=self.moe_target_entropy,
-					moe_temperature_bounds=list(self.moe_temperature_bounds),
-					moe_temperature_rate=self.moe_temperature_rate, moe_temperature_freeze=self.moe_temperature_freeze,
-					moe_temperature_freeze_unit=self.moe_temperature_freeze_unit, moe_last_norm=self.moe_last_norm,
-					moe_gate_offset=self.moe_gate_offset, moe_expert_dim=self.moe_expert_dim, moe_preset=self.moe_preset)
+		"""Returns the settings a checkpoint records (every kind but "run"), as plain Python types (weights_only loads them)."""
+		return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["kind"] != RUN}
+
+
+def _plain(value):
+	return list(value) if isinstance(value, tuple) else value
+
+
+def check_block_options(values, name):
+	"""
+	Checks MoEBlock options against each other (each on its own is checked by its field): `values` maps
+	option names to values, `name(option)` gives the name an error shows (the keyword, or the config
+	key). Shapes (in_dim, widths) are checked where the router and the experts are built.
+	"""
+	n, k = values["n_experts"], values["top_k"]
+	if k > n:
+		raise ValueError(f"{name('top_k')} must be an int in 1..{name('n_experts')}={n}, got {k}")
+	if values["dispatch"] == "sparse" and values["orthogonal"]:
+		raise ValueError(f"{name('dispatch')}='sparse' cannot run with {name('orthogonal')}=True: each row's E expert "
+						 "features are orthonormalised together, so every expert runs on every row; use 'dense' or 'auto'")
+	target, (low, high), start = values["target_entropy"], values["temperature_bounds"], values["temperature"]
+	if target is not None:
+		if target > math.log(k) + 1e-9:
+			raise ValueError(f"{name('target_entropy')}={target} nats is out of reach: the routing weights of "
+							 f"{name('top_k')}={k} experts have an entropy of at most ln({k})={math.log(k):.4f}")
+		if not low <= start <= high:
+			raise ValueError(f"{name('temperature')}={start} (the adaptive temperature's start) must lie within "
+							 f"{name('temperature_bounds')}=({low}, {high})")
+
+
+def _gate_dims(name, value):
+	if not is_pair(value) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value) \
+			or not 0 <= value[0] < value[1]:
+		raise ValueError(f"{name} must be None or (start, stop) with 0 <= start < stop <= in_dim, got {value!r}")
+	return tuple(value)
+
+
+def _block_option_fields():
+	fields = [(f.metadata["block"], f.type, dataclasses.field(default=f.default, metadata=f.metadata))
+			  for f in dataclasses.fields(MoESettings) if f.metadata["block"]]
+	# The only option that no setting holds: heads.block_options derives it from moe_gate_input.
+	fields.append(("gate_dims", tuple, setting(None, "(start, stop): the gate reads only these input columns",
+											   optional(_gate_dims))))
+	return fields
+
+
+def _check_block_fields(self):
+	for field in dataclasses.fields(self):
+		object.__setattr__(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
+	check_block_options(dataclasses.asdict(self), str)
+
+
+BlockOptions = dataclasses.make_dataclass(
+	"BlockOptions", _block_option_fields(), frozen=True, namespace={
+		"__post_init__": _check_block_fields, "__module__": __name__,
+		"__doc__": "MoEBlock's options, under its keyword names, validated: the `block` fields of MoESettings "
+				   "(same defaults, checks and docs) plus `gate_dims`. `history_rows` None or 0 keeps no history; "
+				   "`temperature_freeze` counts the block's own training forwards."})
+# Config key of each MoEBlock option (for the errors MoESettings raises about them).
+BLOCK_KEYS = {f.metadata["block"]: f.name for f in dataclasses.fields(MoESettings) if f.metadata["block"]}
+# Settings a checkpoint must match (use_moe first).
+ARCHITECTURE = tuple(f.name for f in dataclasses.fields(MoESettings) if f.metadata["kind"] == SHAPE)
 
 
 def fork_preset(experts, steps=None, multitask=False):
@@ -244,69 +255,3 @@ def fork_preset(experts, steps=None, multitask=False):
 				moe_temperature=1.8, moe_target_entropy=0.75 * math.log(experts), moe_temperature_bounds=(0.5, 2.0),
 				moe_temperature_rate=0.02, moe_temperature_freeze=freeze, moe_temperature_freeze_unit="forwards",
 				moe_last_norm=True, moe_gate_offset=True)
-
-
-def config_defaults():
-	"""
-	Returns {key: default} of the plugin's TD-MPC2 config keys (lists for sequences, None for null).
-	Keys that a preset sets are null in the config: null means "not set", so the preset's value (or,
-	without a preset, the plugin's default) applies, and a value the user writes wins over the preset.
-	"""
-	preset_keys = set(fork_preset(MoESettings.moe_experts))
-	out = {}
-	for f in dataclasses.fields(MoESettings):
-		default = None if f.name in preset_keys else f.default
-		out[f.name] = list(default) if isinstance(default, tuple) else default
-	return out
-
-
-def _override_value(value):
-	if value is None:
-		return "null"
-	if isinstance(value, bool):
-		return str(value).lower()
-	if isinstance(value, (list, tuple)):
-		return "[" + ",".join(_override_value(v) for v in value) + "]"
-	return str(value)
-
-
-# What a checkpoint's settings must restore to run its model: the architecture and the gate's forward.
-# (Loss coefficients and the temperature's update rule only matter while training.)
-_MODEL_KEYS = set(ARCHITECTURE) | {"moe_top_k", "moe_temperature", "moe_target_entropy"}
-
-
-def checkpoint_overrides(saved):
-	"""
-	Returns the cfg overrides (["use_moe=true", "moe_experts=4", ...]) that rebuild the model of
-	checkpoint settings `saved` (a checkpoint_dict), in its order. An architecture key that a checkpoint
-	saved before the key existed lacks gets its default (the model it was saved with), so that a preset
-	that sets the key today does not change that model.
-	"""
-	defaults = MoESettings()
-	out = [f"{k}={_override_value(v)}" for k, v in saved.items() if k in _MODEL_KEYS]
-	out += [f"{k}={_override_value(getattr(defaults, k))}" for k in ARCHITECTURE if k not in saved]
-	return out
-
-
-def describe(settings):
-	"""Returns a one-line description of the architecture in checkpoint settings (a checkpoint_dict, or None for plain)."""
-	if not settings or not settings.get("use_moe"):
-		return "plain TD-MPC2 (use_moe=false)"
-	defaults = MoESettings()
-	values = []
-	for k in ARCHITECTURE[1:]:
-		v = settings.get(k, getattr(defaults, k))
-		values.append(f"{k}={list(v) if isinstance(v, (list, tuple)) else str(v).lower() if isinstance(v, bool) else v}")
-	return " ".join(["use_moe=true", *values])
-
-
-def check_checkpoint(state, settings):
-	"""Raises ValueError naming both sides when checkpoint `state` was saved with other MoE architecture settings."""
-	saved = state.get("moe") if isinstance(state, dict) else None
-	mine = settings.checkpoint_dict()
-	defaults = MoESettings()
-	saved_arch = {k: saved.get(k, getattr(defaults, k)) for k in ARCHITECTURE} if saved else {"use_moe": False}
-	if not saved_arch["use_moe"] and not mine["use_moe"]:
-		return
-	if saved_arch.get("use_moe") != mine["use_moe"] or any(saved_arch[k] != mine[k] for k in ARCHITECTURE[1:]):
-		raise ValueError(f"checkpoint was saved with {describe(saved)}, but this agent has {describe(mine)}")

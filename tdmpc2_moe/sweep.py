@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from . import upstream
-from .settings import config_defaults
+from .config_keys import config_defaults
 
 JOB_FILE = "tdmpc2_moe_job.json"
 VARYING_ENV = "TDMPC2_MOE_SWEEP_VARYING"

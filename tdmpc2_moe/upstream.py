@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .settings import config_defaults
+from .config_keys import config_defaults
 
 PINNED_COMMIT = "e9f59321933cbc8e11a002b842adc7d4ffae8ff1"
 ENV_VAR = "TDMPC2_ROOT"

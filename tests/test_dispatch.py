@@ -4,6 +4,7 @@ option, both sparse paths (exact groups, padded static shapes), empty experts, t
 rows, empty batches, the "auto" rule's refusals, torch.compile, and a patched TD-MPC2 agent.
 """
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -30,9 +31,14 @@ def _twins(dtype=torch.float64, spread=True, device="cpu", **kwargs):
 	if spread:
 		# Spread the gate so the top-k choice is not decided by rounding.
 		nn.init.normal_(dense.gate.weight, std=1.0)
-	sparse = copy.deepcopy(dense)
-	sparse.dispatch = "sparse"
-	return dense, sparse
+	return dense, _sparse_twin(dense)
+
+
+def _sparse_twin(dense, act=None):
+	"""Returns a block with the options, parameters and dtype of `dense` that dispatches sparse."""
+	sparse = MoEBlock(IN, HIDDEN, OUT, act, options=dataclasses.replace(dense.options, dispatch="sparse"))
+	sparse.to(dense.gate.weight.device, dense.gate.weight.dtype).load_state_dict(dense.state_dict())
+	return sparse
 
 
 def _run(block, x, target):
@@ -62,7 +68,7 @@ def test_sparse_equals_dense_values_and_gradients(n_experts, top_k, lead, device
 	dense, sparse = _twins(n_experts=n_experts, top_k=top_k, device=device)
 	x = torch.randn(*lead, IN, dtype=torch.float64, device=device)
 	target = torch.randn(*lead, OUT, dtype=torch.float64, device=device)
-	assert sparse.dispatch_for(x.reshape(-1, IN)) == "sparse"
+	assert sparse.experts.dispatch_for(x.reshape(-1, IN)) == "sparse"
 	_assert_same(_run(sparse, x, target), _run(dense, x, target))
 
 
@@ -84,8 +90,7 @@ def test_sparse_equals_dense_for_every_block_option(option):
 	torch.manual_seed(0)
 	dense = MoEBlock(IN, HIDDEN, OUT, act, n_experts=8, top_k=2, history_rows=64, dispatch="dense", **kwargs).double()
 	nn.init.normal_(dense.gate.weight, std=1.0)
-	sparse = copy.deepcopy(dense)
-	sparse.dispatch = "sparse"
+	sparse = _sparse_twin(dense, copy.deepcopy(act))
 	for step in range(3):
 		x = torch.randn(50, IN, dtype=torch.float64)
 		target = torch.randn(50, OUT, dtype=torch.float64)
@@ -100,9 +105,9 @@ def test_sparse_equals_dense_for_every_block_option(option):
 def _padded_block_forward(block, x):
 	# The block's computation with the padded path in place of the block's own choice.
 	gate = block.route(x)
-	out = run_padded(block.expert_layers, x, group_by_expert(gate.indices, gate.weights, block.n_experts),
+	out = run_padded(block.experts.expert_layers, x, group_by_expert(gate.indices, gate.weights, block.n_experts),
 					 block.n_experts)
-	return block.layers[-1](out) if block.shared_head else out
+	return block.layers[-1](out) if block.options.shared_head else out
 
 
 @pytest.mark.parametrize("n_experts,top_k", CASES, ids=[f"E{e}k{k}" for e, k in CASES])
@@ -152,7 +157,7 @@ def test_experts_without_rows_get_zero_gradients_and_tied_weights_split_evenly(p
 	if got[0] is not None:
 		torch.testing.assert_close(got[0], expected[0])
 	_assert_same((expected[0], got[1]), expected)
-	for layer in sparse.expert_layers:
+	for layer in sparse.experts.expert_layers:
 		assert layer.weight.grad is not None and (layer.weight.grad[2:] == 0).all()
 		assert (layer.weight.grad[:2] != 0).any()
 
@@ -187,7 +192,7 @@ def test_nan_rows_stay_in_their_rows(path):
 	y[finite].sum().backward()
 	assert torch.isfinite(xr.grad[finite]).all()
 	routed = set(sparse.route(x[~finite]).indices.reshape(-1).tolist())
-	first = sparse.expert_layers[0].weight.grad
+	first = sparse.experts.expert_layers[0].weight.grad
 	for e in range(8):
 		assert torch.isfinite(first[e]).all() or e in routed
 
@@ -211,7 +216,7 @@ def test_auto_rule_and_refusals():
 	with pytest.raises(ValueError, match="dispatch='sparse' cannot run with orthogonal"):
 		MoEBlock(IN, HIDDEN, OUT, n_experts=4, top_k=4, orthogonal=True, dispatch="sparse")
 	block = MoEBlock(IN, HIDDEN, OUT, n_experts=4, top_k=4, orthogonal=True)
-	assert block.dispatch_for(torch.zeros(8192, IN)) == "dense"
+	assert block.experts.dispatch_for(torch.zeros(8192, IN)) == "dense"
 
 
 # Inductor only for sparse (about a minute of C++ compilation on the CPU); dense's graph is the one
@@ -274,7 +279,7 @@ def test_patched_update_and_act_with_sparse_dispatch_match_dense(walker_cfg, mak
 		agents[dispatch] = _agent(cfg)
 		blocks = moe_blocks(agents[dispatch].model)
 		assert set(blocks) == {"dynamics", "reward", "pi"}
-		assert all(b.dispatch == dispatch for b in blocks.values())
+		assert all(b.options.dispatch == dispatch for b in blocks.values())
 	buffer = make_buffer(cfg)
 	infos = {}
 	for dispatch, agent in agents.items():
@@ -284,8 +289,10 @@ def test_patched_update_and_act_with_sparse_dispatch_match_dense(walker_cfg, mak
 	for key in ("consistency_loss", "reward_loss", "value_loss", "pi_loss", "moe_aux_loss"):
 		assert torch.isfinite(infos["sparse"][key]), key
 		torch.testing.assert_close(infos["sparse"][key], infos["dense"][key], rtol=1e-4, atol=1e-5, msg=key)
+	# Adam divides each gradient by its running scale, so an entry whose gradient is ~0 turns float noise
+	# between the dispatch paths into a step of up to lr (3e-4): allow a third of one step.
 	for (name, p), q in zip(agents["dense"].model.named_parameters(), agents["sparse"].model.parameters()):
-		torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+		torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 	obs = torch.randn(24)
 	actions = {}
 	for dispatch, agent in agents.items():
@@ -298,7 +305,7 @@ def test_patched_update_and_act_with_sparse_dispatch_match_dense(walker_cfg, mak
 def test_moe_dispatch_setting_reaches_the_blocks_and_rejects_other_values():
 	from tdmpc2_moe.settings import MoESettings
 	assert MoESettings.resolve().moe_dispatch == "auto"
-	assert MoESettings.resolve(moe_dispatch="sparse").block_kwargs()["dispatch"] == "sparse"
-	assert MoESettings.resolve({"moe_dispatch": "dense"}).block_kwargs()["dispatch"] == "dense"
+	assert MoESettings.resolve(moe_dispatch="sparse").block_options().dispatch == "sparse"
+	assert MoESettings.resolve({"moe_dispatch": "dense"}).block_options().dispatch == "dense"
 	with pytest.raises(ValueError, match="moe_dispatch"):
 		MoESettings.resolve(moe_dispatch="grouped")

@@ -4,7 +4,6 @@ concatenated batch (parameters, rank-local gate history and aux loss, all_reduce
 Every collective and the wait for the workers has a timeout, so a hang fails instead of blocking.
 """
 import datetime
-import inspect
 import socket
 import time
 
@@ -18,8 +17,8 @@ from tdmpc2_moe import distributed
 from tdmpc2_moe.moe import MoEBlock
 
 WORLD, ROWS, STEPS, LR = 2, 16, 4, 0.05
-# Every dispatch mode MoEBlock offers ("auto" only picks one of the others); None: the block has one.
-DISPATCH = [m for m in ("dense", "sparse") if "dispatch" in inspect.signature(MoEBlock).parameters] or [None]
+# Every dispatch mode MoEBlock offers ("auto" only picks one of the others).
+DISPATCH = ["dense", "sparse"]
 # (dispatch, batched, aux_coef, zloss_coef, keep_routing_local, starved): starved gives the gate a
 # bias that no row overcomes, so that expert 3 receives no row on any rank.
 CASES = [(d, batched, aux, 0.001, True, False) for d in DISPATCH for batched in (False, True) for aux in (0.0, 0.05)]
@@ -29,9 +28,9 @@ CASES.append((DISPATCH[0], False, 0.0, 0.0, False, False))
 
 def _block(dispatch, batched, aux, zloss, starved):
 	torch.manual_seed(0)
-	kwargs = {} if dispatch is None else {"dispatch": dispatch}
-	block = MoEBlock(8, [16], 4, n_experts=4, top_k=2, aux_coef=aux, zloss_coef=zloss, history_rows=1024, **kwargs)
-	block.batched = batched
+	block = MoEBlock(8, [16], 4, n_experts=4, top_k=2, aux_coef=aux, zloss_coef=zloss, history_rows=1024,
+					 dispatch=dispatch)
+	block.experts.batched = batched
 	if starved:
 		with torch.no_grad():
 			block.gate.bias[3] = -100.0
@@ -181,11 +180,12 @@ def test_ddp_matches_one_process_on_the_concatenated_batch(ranks, case):
 		torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5, msg=lambda m: f"uneven {key}: {m}")
 
 
-def test_all_reduce_stats_needs_rows_without_history():
+def test_all_reduce_stats_needs_rows():
 	block = MoEBlock(8, [16], 4, n_experts=4, top_k=2, history_rows=None)
 	block(torch.randn(5, 8))
+	assert int(block.stats()["rows"]) == 5  # a block without history counts its latest batch's rows
 	with pytest.raises(ValueError, match="rows"):
-		distributed.all_reduce_stats(block.stats())
+		distributed.all_reduce_stats({k: v for k, v in block.stats().items() if k != "rows"})
 	with pytest.raises(ValueError, match="stats"):
 		distributed.all_reduce_stats({"usage": torch.zeros(4)})
 
@@ -194,6 +194,7 @@ def test_keep_routing_local_names_every_routing_buffer():
 	model = torch.nn.Sequential(MoEBlock(8, [16], 4, n_experts=4), torch.nn.Linear(4, 4),
 								MoEBlock(4, [8], 2, n_experts=2, history_rows=None))
 	names = distributed.keep_routing_local(model)
-	assert names == ["0.history.ring", "0.history.cursor", "0._last_aux", "0._last_usage", "0._last_mean_weight",
-					 "0._last_entropy", "2._last_aux", "2._last_usage", "2._last_mean_weight", "2._last_entropy"]
+	latest = ["_last_aux", "_last_usage", "_last_mean_weight", "_last_entropy", "_last_rows"]
+	assert names == [f"0.router.{n}" for n in ["history.ring", "history.cursor", *latest]] \
+		+ [f"2.router.{n}" for n in latest]
 	assert model._ddp_params_and_buffers_to_ignore == names

@@ -77,7 +77,7 @@ def test_world_model_heads_and_checkpoints_carry_the_width(walker_cfg, tmp_path)
 	blocks = heads.moe_blocks(agent.model)
 	assert set(blocks) == {"dynamics", "reward", "pi"}
 	for block in blocks.values():
-		assert all(layer.weight.shape[1] == 192 for layer in block.expert_layers[:-1])
+		assert all(layer.weight.shape[1] == 192 for layer in block.experts.expert_layers[:-1])
 		assert block[-1].weight.shape[-1] == 192
 	path = tmp_path / "matched.pt"
 	agent.save(path)

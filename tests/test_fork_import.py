@@ -127,7 +127,7 @@ def test_imported_model_computes_what_the_fork_computed(task, fork_runs, walker_
 	assert cli_main(["import-fork", "--tdmpc2", str(tdmpc2_root), str(run / "fork.pt"), "--out", str(out),
 					 f"task={task}", *RUN_KEYS]) == 0
 	printed = capsys.readouterr().out
-	assert f"wrote {out}" in printed and "_dynamics.gate.bias [4] <- _dynamics.gate.weight[:, -1]" in printed
+	assert f"wrote {out}" in printed and "_dynamics.router.gate.bias [4] <- _dynamics.gate.weight[:, -1]" in printed
 	assert ("columns [z, a, emb] -> [z, emb, a]" in printed) == (task == "mt30")
 	ref = torch.load(run / "reference.pt", weights_only=True)
 	agent = _agent(walker_cfg, task)
@@ -149,14 +149,14 @@ def test_imported_model_computes_what_the_fork_computed(task, fork_runs, walker_
 	# Training forwards past the freeze: both temperatures move, step for step as the fork's did.
 	blocks = {"dynamics": model._dynamics, "reward": model._reward}
 	for name, block in blocks.items():
-		assert int(block.adaptive_temperature.forwards) == ref["freeze_steps"][name] == block.adaptive_temperature.freeze
+		assert int(block.router.adaptive_temperature.forwards) == ref["freeze_steps"][name] == block.router.adaptive_temperature.freeze
 	model.train()
 	train = {h: {"out": [], "tau": []} for h in blocks}
 	for _ in range(len(ref["train"]["dynamics"]["tau"])):
 		train["dynamics"]["out"].append(model.next(z, action, task_ids).detach())
 		train["reward"]["out"].append(model.reward(z, action, task_ids).detach())
 		for h, block in blocks.items():
-			train[h]["tau"].append(float(block.adaptive_temperature.tau))
+			train[h]["tau"].append(float(block.router.adaptive_temperature.tau))
 	model.eval()
 	for h in blocks:
 		taus = torch.tensor(train[h]["tau"])
@@ -219,8 +219,8 @@ def test_play_and_training_start_from_an_imported_checkpoint(fork_runs, tdmpc2_r
 	assert cli_main(["import-fork", "--tdmpc2", str(tdmpc2_root), str(fork_runs["walker-walk"] / "fork.pt"),
 					 "--out", str(out), "--tau-dynamics", "1.5", "task=walker-walk", *RUN_KEYS]) == 0
 	saved = torch.load(out, weights_only=True)
-	assert float(saved["model"]["_dynamics.adaptive_temperature.tau"]) == 1.5
-	assert float(saved["model"]["_reward.adaptive_temperature.tau"]) == pytest.approx(1.8)
+	assert float(saved["model"]["_dynamics.router.adaptive_temperature.tau"]) == 1.5
+	assert float(saved["model"]["_reward.router.adaptive_temperature.tau"]) == pytest.approx(1.8)
 	play_dir, steps = tmp_path / "play", 10
 	assert cli_main(["play", "--tdmpc2", str(tdmpc2_root), "--checkpoint", str(out), "--num-steps", str(steps),
 					 "--device", "cpu", "--out", str(play_dir), "task=walker-walk", *RUN_KEYS,
@@ -248,5 +248,5 @@ def test_play_and_training_start_from_an_imported_checkpoint(fork_runs, tdmpc2_r
 	# Finite losses leave finite weights: a NaN or inf loss would have spread to every trained parameter.
 	assert all(torch.isfinite(v).all() for v in trained.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 	# It continued from the import: the forward count went on from the fork's, and the weights moved from it.
-	assert int(trained["_dynamics.adaptive_temperature.forwards"]) > int(saved["model"]["_dynamics.adaptive_temperature.forwards"])
-	assert not torch.equal(trained["_dynamics.layers.0.weight"], saved["model"]["_dynamics.layers.0.weight"])
+	assert int(trained["_dynamics.router.adaptive_temperature.forwards"]) > int(saved["model"]["_dynamics.router.adaptive_temperature.forwards"])
+	assert not torch.equal(trained["_dynamics.experts.layers.0.weight"], saved["model"]["_dynamics.experts.layers.0.weight"])

@@ -10,7 +10,8 @@ import torch
 
 from tdmpc2_moe import heads
 from tdmpc2_moe.moe import MoEBlock
-from tdmpc2_moe.settings import MoESettings, checkpoint_overrides, config_defaults
+from tdmpc2_moe.config_keys import checkpoint_overrides, config_defaults
+from tdmpc2_moe.settings import MoESettings
 
 FORK = ["use_moe=true", "moe_preset=fork"]
 
@@ -86,19 +87,19 @@ def test_fork_preset_builds_the_forks_structure_single_task(walker_cfg):
 	assert not isinstance(model._pi, MoEBlock)
 	for name, block in blocks.items():
 		assert (block.n_experts, block.top_k) == (4, 4)
-		assert block.shared_head and block.orthogonal and block.balance == "kl" and block.aux_coef == 0.03
-		assert block.gate.in_features == block.in_dim and block.gate_dims is None
-		assert float(block.adaptive_temperature.tau) == pytest.approx(1.8)
-		assert block.adaptive_temperature.target == pytest.approx(0.75 * math.log(4))
+		assert block.options.shared_head and block.options.orthogonal and block.options.balance == "kl" and block.options.aux_coef == 0.03
+		assert block.gate.in_features == block.in_dim and block.options.gate_dims is None
+		assert float(block.router.adaptive_temperature.tau) == pytest.approx(1.8)
+		assert block.router.adaptive_temperature.target == pytest.approx(0.75 * math.log(4))
 		# frozen for max(5000, 5% of steps) of the head's own training forwards, as the fork's freeze_steps
-		assert block.adaptive_temperature.freeze == 5000
+		assert block.router.adaptive_temperature.freeze == 5000
 		assert block[-1].weight.dim() == 2 and block[-1].norm  # the shared output layer, a NormedLinear
-		assert block.gate_offset
+		assert block.options.gate_offset
 	assert isinstance(blocks["reward"][-1].act, torch.nn.Mish)
 	# counted in updates instead, the dynamics head's freeze is horizon of its forwards per update
 	updates = heads.moe_blocks(WorldModel(walker_cfg(*FORK, "moe_temperature_freeze_unit=updates")))
-	assert updates["dynamics"].adaptive_temperature.freeze == 5000 * cfg.horizon
-	assert updates["reward"].adaptive_temperature.freeze == 5000
+	assert updates["dynamics"].router.adaptive_temperature.freeze == 5000 * cfg.horizon
+	assert updates["reward"].router.adaptive_temperature.freeze == 5000
 	# upstream zero-initialises the reward head's last layer: with a shared head that is the shared layer
 	assert torch.count_nonzero(blocks["reward"][-1].weight) == 0
 
@@ -112,7 +113,7 @@ def test_fork_preset_agent_updates_and_plans(walker_cfg, make_buffer):
 	taus = []
 	for _ in range(20):
 		info = agent.update(buffer)
-		taus.append(float(agent.model._dynamics.adaptive_temperature.tau))
+		taus.append(float(agent.model._dynamics.router.adaptive_temperature.tau))
 	assert all(torch.isfinite(info[k]) for k in ("total_loss", "moe_aux_loss", "moe_entropy"))
 	assert taus[0] != taus[-1] and all(0.5 <= t <= 2.0 for t in taus)
 	stats = agent.gate_stats()
@@ -129,7 +130,7 @@ def test_checkpoint_names_the_fork_setting_it_disagrees_on(walker_cfg, tmp_path)
 	assert saved["moe_orthogonal"] is True and saved["moe_balance"] == "kl"
 	restored = TDMPC2(walker_cfg(*FORK))
 	restored.load(path)
-	torch.testing.assert_close(restored.model._dynamics.adaptive_temperature.tau, torch.tensor(1.8))
+	torch.testing.assert_close(restored.model._dynamics.router.adaptive_temperature.tau, torch.tensor(1.8))
 	with pytest.raises(ValueError, match=r"moe_orthogonal=true.*moe_orthogonal=false"):
 		TDMPC2(walker_cfg(*FORK, "moe_orthogonal=false")).load(path)
 
@@ -153,7 +154,7 @@ def test_fork_preset_on_a_multitask_agent_gates_on_the_task_embedding(walker_cfg
 	torch.manual_seed(0)
 	agent = TDMPC2(cfg)
 	for block in _fork_blocks(agent.model).values():
-		assert block.gate_dims == (cfg.latent_dim, cfg.latent_dim + cfg.task_dim)
+		assert block.options.gate_dims == (cfg.latent_dim, cfg.latent_dim + cfg.task_dim)
 		assert block.gate.in_features == cfg.task_dim
 	# the gate of a task-gated head sees only the embedding: changing z or a leaves the routing as it is
 	dyn = agent.model._dynamics

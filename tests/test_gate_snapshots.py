@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from tdmpc2_moe.cli import main as cli_main
-from tdmpc2_moe.gate_snapshots import (SNAPSHOT_ROWS, GateSnapshots, _routes_densely, load_snapshots, ring_statistics,
+from tdmpc2_moe.gate_snapshots import (SNAPSHOT_ROWS, GateSnapshots, _routes_densely, load_snapshots,
 									   training_table)
 from tdmpc2_moe.moe import MoEBlock
+from tdmpc2_moe.routing_stats import summarize
 
 
 def _blocks():
@@ -36,8 +37,9 @@ def test_snapshots_appear_at_the_interval_with_the_rings_contents(tmp_path):
 		for head, ring in rings.items():
 			a = loaded[step][head]
 			np.testing.assert_array_equal(a["weights"], ring[-SNAPSHOT_ROWS:])
-			for key, value in ring_statistics(ring).items():
-				np.testing.assert_allclose(a[key], value)
+			expected_stats = summarize(torch.from_numpy(ring))
+			for key in ("usage", "mean_weight", "entropy"):
+				np.testing.assert_allclose(a[key], expected_stats[key].numpy())
 			assert int(a["rows"]) == min(700 * step, blocks[head].history.capacity)
 			assert float(a["temperature"]) == 1.0
 

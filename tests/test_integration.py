@@ -153,6 +153,32 @@ def test_checkpoint_round_trip_gives_the_same_actions(walker_cfg, make_buffer, t
 	torch.testing.assert_close(actions[0], actions[1], rtol=0, atol=0)
 
 
+def test_checkpoint_written_before_the_router_experts_split_loads(walker_cfg, make_buffer, tmp_path):
+	# Before MoEBlock had a router and experts of its own, a head's gate was `<head>.gate.*`, its
+	# temperature `<head>.adaptive_temperature.*` and its experts `<head>.layers.*`.
+	cfg = walker_cfg("use_moe=true", "moe_experts=2", "moe_target_entropy=0.5")
+	agent = _agent(cfg)
+	buffer = make_buffer(cfg)
+	for _ in range(3):
+		agent.update(buffer)
+	path = tmp_path / "old.pt"
+	agent.save(path)
+	saved = torch.load(path, weights_only=True)
+	old_names = {".router.gate.": ".gate.", ".router.adaptive_temperature.": ".adaptive_temperature.",
+				 ".experts.layers.": ".layers."}
+	renamed = {}
+	for key, value in saved["model"].items():
+		for new, old in old_names.items():
+			key = key.replace(new, old)
+		renamed[key] = value
+	assert "_dynamics.gate.weight" in renamed and "_dynamics.adaptive_temperature.tau" in renamed
+	torch.save(dict(saved, model=renamed), path)
+	restored = _agent(cfg, seed=1)
+	restored.load(path)
+	for (name, p), q in zip(agent.model.state_dict().items(), restored.model.state_dict().values()):
+		assert torch.equal(p, q) if torch.is_tensor(p) else p == q, name
+
+
 def test_checkpoint_mismatch_names_both_settings(walker_cfg, tmp_path):
 	moe, plain = tmp_path / "moe.pt", tmp_path / "plain.pt"
 	_agent(walker_cfg("use_moe=true", "moe_experts=2")).save(moe)

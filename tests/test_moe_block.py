@@ -5,6 +5,7 @@ behaviour, aux loss. The tests taking `on_device` run on cuda too where there is
 import gc
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:tdmpc2_moe._C is not built")
 
 def plain_moe(block, x):
 	"""The block's computation written expert by expert with the reference gate; returns (out, aux)."""
-	gate = topk_gate_reference(block.gate(x), block.top_k, block.temperature)
+	gate = topk_gate_reference(block.gate(x), block.top_k, block.options.temperature)
 	outs = []
 	for e in range(block.n_experts):
 		h = x
@@ -32,8 +33,8 @@ def plain_moe(block, x):
 	y = torch.stack(outs, 1)
 	sel = y.gather(1, gate.indices.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
 	out = (gate.weights.to(y.dtype).unsqueeze(-1) * sel).sum(1)
-	aux = block.aux_coef * block.n_experts * (gate.expert_frac * gate.expert_prob_mean).sum() \
-		+ block.zloss_coef * gate.lse.pow(2).mean()
+	aux = block.options.aux_coef * block.n_experts * (gate.expert_frac * gate.expert_prob_mean).sum() \
+		+ block.options.zloss_coef * gate.lse.pow(2).mean()
 	return out, aux
 
 
@@ -43,7 +44,7 @@ def test_values_and_gradients_match_plain_moe_in_float64(n_experts, top_k, act, 
 	torch.manual_seed(0)
 	block = MoEBlock(12, [32, 24], 16, act=act, n_experts=n_experts, top_k=top_k, temperature=0.7,
 					 aux_coef=0.5, zloss_coef=0.1, history_rows=None).double()
-	block.batched = batched
+	block.experts.batched = batched
 	# Spread the gate so the top-k choice is not decided by float32 rounding.
 	nn.init.normal_(block.gate.weight, std=1.0)
 	x = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
@@ -69,10 +70,11 @@ def test_batched_and_per_expert_paths_agree(on_device):
 	torch.manual_seed(0)
 	block = MoEBlock(6, [16, 16], 5, n_experts=4, top_k=2)
 	x = torch.randn(30, 6)
-	per_expert = block(x)
-	block.batched = True
+	block.experts.batched = False
+	per_expert, per_expert_features = block(x), block.experts.features(x)
+	block.experts.batched = True
 	torch.testing.assert_close(block(x), per_expert)
-	torch.testing.assert_close(block.experts(x), torch.stack([block._expert(x, e) for e in range(4)]))
+	torch.testing.assert_close(block.experts.features(x), per_expert_features)
 
 
 def test_any_leading_shape(on_device):
@@ -208,7 +210,7 @@ def test_history_records_every_routed_row(on_device):
 def test_torch_compile_fullgraph_matches_eager(batched):
 	torch.manual_seed(0)
 	block = MoEBlock(8, [16, 16], 4, n_experts=4, top_k=2, zloss_coef=0.01)
-	block.batched = batched
+	block.experts.batched = batched
 	x = torch.randn(2, 16, 8)
 	eager = block(x)
 	eager.square().sum().backward()
@@ -228,7 +230,6 @@ def test_torch_compile_fullgraph_matches_eager(batched):
 	(dict(top_k=5), "top_k"),
 	(dict(top_k=0), "top_k"),
 	(dict(n_experts=0), "n_experts"),
-	(dict(history_rows=0), "history_rows"),
 	(dict(history_rows=-4), "history_rows"),
 	(dict(aux_coef=-0.1), "aux_coef"),
 	(dict(zloss_coef=-1.0), "zloss_coef"),
@@ -240,6 +241,26 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, name):
 	args.update(kwargs)
 	with pytest.raises(ValueError, match=name):
 		MoEBlock(args.pop("in_dim"), args.pop("mlp_dims"), args.pop("out_dim"), **args)
+
+
+def test_state_dicts_saved_before_the_router_experts_split_still_load():
+	# Written by MoEBlock at commit e967d95 (gate, adaptive_temperature and layers directly on the block):
+	# a default block and one with the fork's options, after three SGD steps (the temperature moved).
+	saved = torch.load(Path(__file__).parent / "data" / "moeblock_before_split.pt", weights_only=True)
+	for case in saved.values():
+		block = MoEBlock(8, [16], 4, **case["options"])
+		block.load_state_dict(case["state"])
+		block.eval()
+		with torch.no_grad():
+			torch.testing.assert_close(block(case["x"]), case["y"], rtol=0, atol=0)
+
+
+def test_no_history_with_none_or_zero_rows():
+	# 0 is what the config key gate_history_rows=0 passes; both mean: keep no ring.
+	for rows in (None, 0):
+		block = MoEBlock(8, [16], 4, history_rows=rows)
+		block(torch.randn(5, 8))
+		assert block.history is None and int(block.stats()["rows"]) == 5
 
 
 def test_mismatched_input_dim_names_in_dim():

@@ -68,10 +68,10 @@ def plain_fork_model(block, x, tau, *, act=None, balance="switch", shared_head=F
 			out = (act or F.mish)(F.layer_norm(out, (head.out_features,)) * head.ln_weight + head.ln_bias)
 	p_mean = probs.mean(0)
 	if balance == "kl":
-		aux = block.aux_coef * F.kl_div(torch.log(p_mean + 1e-9), torch.full_like(p_mean, 1 / e_n), reduction="sum")
+		aux = block.options.aux_coef * F.kl_div(torch.log(p_mean + 1e-9), torch.full_like(p_mean, 1 / e_n), reduction="sum")
 	else:
 		frac = torch.zeros(e_n).index_add_(0, idx.reshape(-1), torch.ones(idx.numel())) / idx.numel()
-		aux = block.aux_coef * e_n * (frac * p_mean).sum()
+		aux = block.options.aux_coef * e_n * (frac * p_mean).sum()
 	entropy = -(w * torch.log(w.clamp(min=1e-12))).sum(-1).mean()
 	return out, aux, w, entropy
 
@@ -105,7 +105,7 @@ def test_values_and_gradients_match_plain_fork_model_in_float64(case, batched):
 	torch.manual_seed(0)
 	block = MoEBlock(IN, HIDDEN, OUT, act=act, n_experts=4, top_k=top_k, aux_coef=0.5,
 					 history_rows=None, **opts).double()
-	block.batched = batched
+	block.experts.batched = batched
 	nn.init.normal_(block.gate.weight, std=1.0)
 	x = torch.randn(40, IN, dtype=torch.float64, requires_grad=True)
 	target = torch.randn(40, OUT, dtype=torch.float64)
@@ -140,7 +140,7 @@ def test_gate_offset_is_not_divided_by_the_adapted_temperature():
 	block.train()
 	for _ in range(5):
 		block(torch.randn(16, IN))
-	tau = block.adaptive_temperature.tau
+	tau = block.router.adaptive_temperature.tau
 	assert float(tau) < 1.8 - 0.05
 	x = torch.randn(8, IN)
 	expected = torch.softmax(F.linear(x, block.gate.weight) / tau + block.gate.bias, -1)
@@ -155,7 +155,7 @@ def test_orthogonal_block_mixes_orthonormal_features():
 	x = torch.randn(64, IN)
 	seen = {}
 	block.layers[-1].register_forward_pre_hook(lambda m, args: seen.update(mixed=args[0]))
-	feats = block.experts(x)
+	feats = block.experts.features(x)
 	q = orthonormalize(feats)
 	torch.testing.assert_close(torch.einsum("end,fnd->nef", q, q), torch.eye(4).expand(64, 4, 4), atol=1e-5, rtol=0)
 	block(x)
@@ -182,7 +182,7 @@ def test_orthogonal_block_has_finite_gradients_for_dead_experts():
 def test_shared_head_last_weight_is_the_shared_layer_and_zeroing_it_zeroes_the_output():
 	block = MoEBlock(IN, HIDDEN, OUT, n_experts=4, shared_head=True)
 	assert block[-1].weight.shape == (OUT, HIDDEN[-1]) and isinstance(block[-1].weight, nn.Parameter)
-	assert block.experts(torch.randn(5, IN)).shape == (4, 5, HIDDEN[-1])
+	assert block.experts.features(torch.randn(5, IN)).shape == (4, 5, HIDDEN[-1])
 	for p in [block[-1].weight]:   # upstream's init.zero_([model._reward[-1].weight])
 		p.data.fill_(0)
 	out = block(torch.randn(7, IN))
@@ -276,13 +276,13 @@ def test_temperature_frozen_during_freeze_and_only_training_forwards_count():
 	for _ in range(3):
 		_train_forward(block, x)
 	assert block.stats()["temperature"].item() == 1.5
-	assert block.adaptive_temperature.forwards.item() == 3
+	assert block.router.adaptive_temperature.forwards.item() == 3
 	with torch.no_grad():
 		block(x)
 	block.eval()
 	block(x).sum().backward()
 	block.train()
-	assert block.adaptive_temperature.forwards.item() == 3 and block.stats()["temperature"].item() == 1.5
+	assert block.router.adaptive_temperature.forwards.item() == 3 and block.stats()["temperature"].item() == 1.5
 	_train_forward(block, x)
 	assert block.stats()["temperature"].item() < 1.5
 
@@ -326,7 +326,7 @@ def test_temperature_and_freeze_count_survive_save_and_load():
 	fresh = _adaptive(0.2, temperature=1.5, rate=0.1, freeze=2)
 	fresh.load_state_dict(torch.load(buf, weights_only=True))
 	assert fresh.stats()["temperature"].item() == block.stats()["temperature"].item() < 1.5
-	assert fresh.adaptive_temperature.forwards.item() == 4
+	assert fresh.router.adaptive_temperature.forwards.item() == 4
 	torch.testing.assert_close(fresh(x), block(x))
 	_train_forward(fresh, x)
 	_train_forward(block, x)
@@ -350,7 +350,7 @@ def test_training_forwards_with_fork_options_keep_no_tensors():
 	for _ in range(300):
 		block(x).sum().backward()
 	assert _live_tensors() <= before
-	assert block.adaptive_temperature.forwards.item() == 320
+	assert block.router.adaptive_temperature.forwards.item() == 320
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host-sync detection is a CUDA feature")
@@ -405,7 +405,7 @@ def test_torch_compile_of_a_rollout_steps_the_temperature_once_per_call():
 		for (name, p), q in zip(block.named_parameters(), twin.parameters()):
 			torch.testing.assert_close(q.grad, p.grad, msg=lambda m: f"{name}: {m}")
 		torch.testing.assert_close(twin.stats()["temperature"], block.stats()["temperature"])
-	assert twin.adaptive_temperature.forwards.item() == 6 and block.stats()["temperature"].item() < 1.8
+	assert twin.router.adaptive_temperature.forwards.item() == 6 and block.stats()["temperature"].item() < 1.8
 
 
 def test_defaults_build_the_plain_block():
@@ -416,9 +416,10 @@ def test_defaults_build_the_plain_block():
 						target_entropy=None, temperature_bounds=(0.5, 2.0), temperature_rate=0.02, temperature_freeze=0,
 						last_norm=False, gate_offset=False)
 	assert list(plain.state_dict()) == list(explicit.state_dict())
-	assert sorted(n for n, _ in plain.named_buffers()) == ["_last_aux", "_last_entropy", "_last_mean_weight",
-														   "_last_usage", "history.cursor", "history.ring"]
-	assert plain.adaptive_temperature is None and repr(plain) == repr(explicit)
+	assert sorted(n for n, _ in plain.named_buffers()) == [
+		f"router.{n}" for n in ["_last_aux", "_last_entropy", "_last_mean_weight", "_last_rows", "_last_usage",
+								"history.cursor", "history.ring"]]
+	assert plain.router.adaptive_temperature is None and repr(plain) == repr(explicit)
 	x = torch.randn(9, IN)
 	assert torch.equal(plain(x), explicit(x))
 	assert plain.stats()["temperature"].item() == 1.0

@@ -140,7 +140,7 @@ def test_offline_multitask_training_with_the_fork_preset(walker_cfg, tdmpc2_root
 	z, a = torch.randn(8, cfg.latent_dim), torch.rand(8, cfg.action_dim) * 2 - 1
 	routes = {}
 	for name, block in blocks.items():
-		assert block.gate_dims == (cfg.latent_dim, cfg.latent_dim + cfg.task_dim)
+		assert block.options.gate_dims == (cfg.latent_dim, cfg.latent_dim + cfg.task_dim)
 		assert state["model"][f"{heads.HEAD_PREFIX[name]}.gate.weight"].shape == (block.n_experts, cfg.task_dim)
 		with torch.no_grad():
 			for task in DATA_TASKS:

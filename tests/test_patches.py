@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tdmpc2_moe.settings import MoESettings, config_defaults
+from tdmpc2_moe.config_keys import config_defaults, config_yaml
+from tdmpc2_moe.settings import MoESettings
 
 PATCHES = Path(__file__).resolve().parent.parent / "patches"
 
@@ -15,8 +16,10 @@ def _added_lines(diff):
 	return "\n".join(line[1:] for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++"))
 
 
-def test_fragment_defaults_equal_the_plugins():
-	assert yaml.safe_load((PATCHES / "moe.yaml").read_text()) == config_defaults()
+def test_fragment_is_generated_from_the_settings_record():
+	# Keys, defaults and docs come from tdmpc2_moe/settings.py: `python scripts/update_patches.py ~/tdmpc2`.
+	assert (PATCHES / "moe.yaml").read_text() == config_yaml()
+	assert yaml.safe_load(config_yaml()) == config_defaults()
 
 
 def test_diff_defaults_equal_the_plugins():

@@ -30,7 +30,7 @@ def test_checkpoint_settings_become_overrides(tmp_path):
 	_, overrides = play.load_checkpoint(str(path))
 	# Architecture keys the settings lack (saved before they existed) rebuild with their defaults.
 	assert overrides == ["use_moe=true", "moe_experts=8", "moe_top_k=1", "moe_heads=[pi]", "moe_temperature=1.0",
-						 "moe_shared_head=false", "moe_orthogonal=false", "moe_balance=switch", "moe_gate_input=input",
+						 "moe_balance=switch", "moe_shared_head=false", "moe_orthogonal=false", "moe_gate_input=input",
 						 "moe_last_norm=false", "moe_gate_offset=false", "moe_expert_dim=null"]
 
 

@@ -9,8 +9,8 @@
 
 namespace tdmpc2_moe {
 
-// Rows per block: two AVX2 registers of floats (AVX-512 builds measured no faster on this machine's
-// AMD EPYC, so there are none).
+// Rows per block: two AVX2 registers of floats. There is no AVX-512 build: it was no faster
+// (benchmarks/README.md section 1).
 constexpr int kLaneRows = 16;
 
 struct LaneForward {

@@ -99,6 +99,7 @@ def check_self_check():
 	"""Returns one Finding per device with compiled kernels (the CPU, every CUDA device): the self-check's result there."""
 	import torch
 	from .. import kernel_check, ops
+	from ..backend import BACKEND_ENV
 	if ops.backend() == "reference":
 		return [Finding("ok", "self-check: nothing to check (no compiled kernels in use)")]
 	devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if ops.backend() == "cuda" else [])
@@ -107,7 +108,7 @@ def check_self_check():
 		try:
 			result = kernel_check.self_check(device)
 		except kernel_check.SelfCheckError as exc:
-			findings.append(Finding("error", str(exc), f"run with {kernel_check.BACKEND_ENV}=reference until it is fixed"))
+			findings.append(Finding("error", str(exc), f"run with {BACKEND_ENV}=reference until it is fixed"))
 			continue
 		findings.append(Finding("ok", f"self-check on {device}: the kernels agree with the reference on "
 									  f"{result['cases']} cases ({result['seconds'] * 1000:.0f} ms)"))

@@ -29,7 +29,7 @@ import torch
 from .. import gate_plots, gate_stats
 from ..heads import HEAD_PREFIX, moe_blocks
 from ..recording import GateRecorder, VideoWriter
-from ..settings import checkpoint_overrides
+from ..config_keys import checkpoint_overrides
 
 # Overrides applied before the user's: planning is not compiled for a short evaluation run.
 _PLAY_DEFAULTS = ["compile=false", "enable_wandb=false", "save_video=false"]
@@ -65,9 +65,10 @@ def load_checkpoint(path):
 	if isinstance(settings, dict) and settings.get("use_moe"):
 		return state, checkpoint_overrides(settings)
 	model = state.get("model", state)
-	# A MoE head's gate is at `<head prefix>.gate.weight`: it recognises MoE checkpoints saved without settings.
-	gates = {head: model[f"{prefix}.gate.weight"] for head, prefix in HEAD_PREFIX.items()
-			 if f"{prefix}.gate.weight" in model}
+	# A MoE head's gate (`<head prefix>.router.gate.weight`, `.gate.weight` before the router had a module of its
+	# own) recognises MoE checkpoints saved without settings.
+	gates = {head: model[key] for head, prefix in HEAD_PREFIX.items()
+			 for key in (f"{prefix}.router.gate.weight", f"{prefix}.gate.weight") if key in model}
 	if not gates:
 		raise PlayError(f"--checkpoint {path!r} has no MoE heads (plain TD-MPC2, use_moe=false); "
 						"train one with use_moe=true")

@@ -30,7 +30,8 @@ from pathlib import Path
 from .. import patching, resume, upstream
 from ..checkpoint import CheckpointError
 from ..device import torch_on
-from ..settings import MoESettings, config_defaults
+from ..config_keys import config_defaults
+from ..settings import MoESettings
 
 
 def _parser():

@@ -1,23 +1,28 @@
 """
-Regenerates patches/config.yaml.diff from patches/moe.yaml: the fragment's keys added to upstream's
-config.yaml (after `save_csv`) at the pinned commit. Run after editing moe.yaml:
-    python scripts/update_config_diff.py /path/to/tdmpc2
-tests/test_patches.py checks that both files hold the plugin's defaults and that the diff applies.
+Regenerates patches/moe.yaml from the settings record (tdmpc2_moe/settings.py: each key, its config
+default and its doc) and patches/config.yaml.diff from it: the keys added to upstream's config.yaml
+(after `save_csv`) at the pinned commit. Run after changing a setting:
+    python scripts/update_patches.py /path/to/tdmpc2
+tests/test_patches.py checks that both files are what this writes and that the diff applies.
 """
 import difflib
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tdmpc2_moe.config_keys import config_yaml  # noqa: E402 (after the path: the source tree's settings)
 
 PATCHES = Path(__file__).resolve().parent.parent / "patches"
 ANCHOR = "save_csv: true\n\n"
 
 
 def main(checkout):
+	fragment = config_yaml()
+	(PATCHES / "moe.yaml").write_text(fragment)
 	config = Path(checkout).expanduser() / "tdmpc2" / "config.yaml"
 	before = config.read_text()
 	if ANCHOR not in before:
 		sys.exit(f"{config}: no '{ANCHOR.strip()}' line to add the keys after (not the pinned commit?)")
-	fragment = (PATCHES / "moe.yaml").read_text()
 	after = before.replace(ANCHOR, ANCHOR + fragment[fragment.index("# moe\n"):] + "\n", 1)
 	diff = difflib.unified_diff(before.splitlines(True), after.splitlines(True),
 								"a/tdmpc2/config.yaml", "b/tdmpc2/config.yaml")
