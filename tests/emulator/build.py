@@ -13,7 +13,7 @@ CSRC = HERE.parent.parent / "csrc"
 ENV_VAR = "HIP_CPU_ROOT"
 HOW = (f"set {ENV_VAR} to a checkout of github.com/ROCm/HIP-CPU (e.g. git clone https://github.com/ROCm/HIP-CPU "
 	   f"~/hip-cpu; scripts/test.sh picks up ~/hip-cpu by itself) and install TBB (apt-get install libtbb-dev)")
-SOURCES = ["emulated_ops.cpp", "topk_gate_kernels.cpp", "ortho_kernels.cpp"]
+SOURCES = ["emulated_ops.cpp", "topk_gate_kernels.cpp", "ortho_kernels.cpp", "negative_controls.cpp"]
 
 
 def hip_cpu_root():

@@ -8,11 +8,14 @@
 //   tdmpc2_moe_emu::set_schedule(blocks, threads, seed, sequential): the execution order of later
 //     launches (include/tdmpc2_simt_emulator.h: 0 identity, 1 reversed, 2 seeded permutation).
 //   tdmpc2_moe_emu::block_starts(): the logical blocks of the last sequential launch, in the order they ran.
+//   tdmpc2_moe_emu::negative_control(which, x): runs one of the wrong kernels of negative_controls.cpp on
+//     x ([blocks * 64] float32) and returns its output.
 // A launch error or an emulator fault (barrier divergence, a partial warp shuffle) raises RuntimeError.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include "ortho_checks.h"
@@ -21,6 +24,8 @@
 #include "cuda/launch.h"
 #include "cuda/ortho_launch.h"
 #include "ortho_row.h"
+
+#include "negative_controls.h"
 
 namespace tdmpc2_moe {
 namespace {
@@ -177,6 +182,18 @@ at::Tensor block_starts() {
 	return at::tensor(std::vector<int64_t>(r.block_starts.begin(), r.block_starts.end()), at::kLong);
 }
 
+at::Tensor negative_control(int64_t which, const at::Tensor& x) {
+	TORCH_CHECK_VALUE(which >= 0 && which <= 2, "which must be 0, 1 or 2");
+	TORCH_CHECK_VALUE(x.dim() == 1 && x.scalar_type() == at::kFloat && x.numel() > 0 && x.numel() % 64 == 0,
+			"x must be float32 [blocks * 64]");
+	const at::Tensor in = x.contiguous();
+	at::Tensor out = at::zeros_like(in);
+	tdmpc2_moe_emu_controls::run(static_cast<tdmpc2_moe_emu_controls::Control>(which), in.const_data_ptr<float>(),
+			out.data_ptr<float>(), static_cast<int>(in.numel() / 64));
+	check_launch(cudaGetLastError());
+	return out;
+}
+
 }  // namespace
 }  // namespace tdmpc2_moe
 
@@ -192,6 +209,7 @@ TORCH_LIBRARY(tdmpc2_moe_emu, m) {
 	m.def("orthonormalize_backward(Tensor grad, Tensor features, float eps) -> Tensor");
 	m.def("set_schedule(int blocks, int threads, int seed, bool sequential) -> ()");
 	m.def("block_starts() -> Tensor");
+	m.def("negative_control(int which, Tensor x) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tdmpc2_moe_emu, CPU, m) {
@@ -200,6 +218,7 @@ TORCH_LIBRARY_IMPL(tdmpc2_moe_emu, CPU, m) {
 	m.impl("topk_gate_backward", &tdmpc2_moe::topk_gate_backward_emu);
 	m.impl("orthonormalize", &tdmpc2_moe::orthonormalize_emu);
 	m.impl("orthonormalize_backward", &tdmpc2_moe::orthonormalize_backward_emu);
+	m.impl("negative_control", &tdmpc2_moe::negative_control);
 }
 
 TORCH_LIBRARY_IMPL(tdmpc2_moe_emu, CompositeExplicitAutograd, m) {
