@@ -34,12 +34,12 @@ from tdmpc2_moe.reference import (orthonormalize_reference, record_reference, to
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "emulator"))
-import build  # noqa: E402  (tests/emulator/build.py)
+import simt_emulator  # noqa: E402  (tests/emulator/simt_emulator.py)
 
 pytestmark = [
 	pytest.mark.slow,
 	pytest.mark.skipif(backend() == "reference", reason="tdmpc2_moe._C is not built"),
-	pytest.mark.skipif(build.skip_reason() is not None, reason=build.skip_reason() or ""),
+	pytest.mark.skipif(simt_emulator.skip_reason() is not None, reason=simt_emulator.skip_reason() or ""),
 ]
 
 # Execution orders (tests/emulator/include/tdmpc2_simt_emulator.h): blocks, threads (0 identity,
@@ -51,7 +51,7 @@ DEFAULT = (IDENTITY, IDENTITY, 0, False)
 @pytest.fixture(scope="module")
 def emu():
 	"""Builds (cached by torch) and loads the emulated ops; every test leaves the default schedule behind."""
-	ops = build.load()
+	ops = simt_emulator.load()
 	yield ops
 	ops.set_schedule(*DEFAULT)
 
@@ -295,8 +295,8 @@ def test_barrier_divergence_is_an_error_not_a_wrong_answer():
 	code = textwrap.dedent(f"""
 		import sys, torch
 		sys.path.insert(0, {str(HERE / "emulator")!r})
-		import build
-		emu = build.load()
+		import simt_emulator
+		emu = simt_emulator.load()
 		try:
 			emu.negative_control(2, torch.zeros(64 * 4))
 		except RuntimeError as exc:

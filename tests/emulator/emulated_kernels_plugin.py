@@ -12,7 +12,7 @@ import collections
 
 import torch
 
-import build
+import simt_emulator
 
 OPS = ("topk_gate", "topk_gate_record", "topk_gate_backward", "orthonormalize", "orthonormalize_backward")
 calls = collections.Counter()
@@ -31,11 +31,11 @@ def _counting(name, emulated):
 
 
 def pytest_configure(config):
-	reason = build.skip_reason()
+	reason = simt_emulator.skip_reason()
 	if reason:
 		raise RuntimeError(f"emulated_kernels_plugin: {reason}")
 	import tdmpc2_moe  # noqa: F401  (registers the schemas whose CPU kernels are replaced)
-	emulated = build.load()
+	emulated = simt_emulator.load()
 	library = torch.library.Library("tdmpc2_moe", "IMPL")
 	for name in OPS:
 		library.impl(name, _counting(name, getattr(emulated, name)), "CPU")

@@ -1,6 +1,6 @@
 // Test-only operators that run the shipped CUDA kernels (csrc/cuda/*.cu, compiled for the CPU in
 // topk_gate_kernels.cpp / ortho_kernels.cpp) on the SIMT emulator, on CPU tensors. Built by
-// tests/emulator/build.py with torch.utils.cpp_extension; never part of the shipped extension.
+// tests/emulator/simt_emulator.py with torch.utils.cpp_extension; never part of the shipped extension.
 //   tdmpc2_moe_emu::{topk_gate, topk_gate_record, topk_gate_backward, orthonormalize, orthonormalize_backward}
 //     have the schemas of tdmpc2_moe's ops and do what csrc/cuda/binding.cpp and ortho_binding.cpp do
 //     (same argument checks, same outputs and workspace, same launcher calls), minus the CUDA device
