@@ -43,8 +43,11 @@
 #define __device__
 #undef __global__
 #define __global__
+// inline as under nvcc (HIP-CPU leaves it empty without NDEBUG): csrc's row headers define functions
+// that several translation units of the test extension include.
 #undef __forceinline__
 #define __forceinline__ inline __attribute__((always_inline))
+// csrc's headers take their nvcc branches (GATE_HD, ORTHO_HD) and device branches (gate_exp: expf).
 #define __CUDACC__ 1
 #define __CUDA_ARCH__ 800
 
