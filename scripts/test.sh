@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sets up the venv and runs the test suite. Integration tests use the TD-MPC2 checkout named by
 # TDMPC2_ROOT (or ~/tdmpc2 when it exists), the fork's tests the checkout named by FORK_ROOT (or
-# ~/fork), and are skipped with a reason otherwise. `-m ""` runs the tests marked slow too (the
-# default `pytest` run, the quick loop, skips them: pyproject.toml).
+# ~/fork), the CUDA kernels on the SIMT emulator (tests/test_cuda_emulated.py) the HIP-CPU checkout
+# named by HIP_CPU_ROOT (or ~/hip-cpu), and are skipped with a reason otherwise. `-m ""` runs the
+# tests marked slow too (the default `pytest` run, the quick loop, skips them: pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VENV=$(realpath -m "${VENV:-.venv}")
@@ -13,8 +14,12 @@ fi
 if [ -z "${FORK_ROOT:-}" ] && [ -f "$HOME/fork/tdmpc2/Mooretdmpc.py" ]; then
 	export FORK_ROOT="$HOME/fork"
 fi
+if [ -z "${HIP_CPU_ROOT:-}" ] && [ -f "$HOME/hip-cpu/include/hip/hip_runtime.h" ]; then
+	export HIP_CPU_ROOT="$HOME/hip-cpu"
+fi
 echo "TDMPC2_ROOT=${TDMPC2_ROOT:-<unset: integration tests will be skipped>}"
 echo "FORK_ROOT=${FORK_ROOT:-<unset: the tests against the fork code will be skipped>}"
+echo "HIP_CPU_ROOT=${HIP_CPU_ROOT:-<unset: the CUDA kernels on the SIMT emulator will be skipped>}"
 export PATH="$VENV/bin:$PATH"
 # Run from tests/ so the installed package (with its built _C), not the source tree, is imported.
 cd tests && exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider -m "" "$@" .

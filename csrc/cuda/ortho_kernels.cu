@@ -2,6 +2,7 @@
 // (each thread owns the elements d = rank, rank + blockDim.x, ...; dot products reduced across the block
 // in a fixed order, so results are deterministic). Raw pointers and a stream only (ortho_launch.h).
 #include "../ortho_row.h"
+#include "kernel_syntax.h"
 #include "ortho_launch.h"
 
 namespace tdmpc2_moe {
@@ -41,7 +42,7 @@ __global__ void ortho_forward_kernel(const T* x, T* q, int64_t n, int e, int d, 
 template <typename T>
 __global__ void ortho_backward_kernel(const T* g, const T* x, T* gx, T* gq, int64_t n, int e, int d, T eps2) {
 	__shared__ T partials[kWarps];
-	extern __shared__ unsigned char coef_bytes[];  // ortho_coef_size(e) values
+	TDMPC2_DYNAMIC_SHARED(unsigned char, coef_bytes);  // ortho_coef_size(e) values
 	T* coef = reinterpret_cast<T*>(coef_bytes);
 	const BlockTeam<T> team{partials};
 	for (int64_t row = blockIdx.x; row < n; row += gridDim.x) {
@@ -66,11 +67,11 @@ cudaError_t launch(const OrthoParams& p, cudaStream_t stream) {
 	const int threads = threads_for(p.d);
 	const T eps2 = static_cast<T>(p.eps2);
 	if (!p.grad) {
-		ortho_forward_kernel<T><<<blocks_for(p.n), threads, 0, stream>>>(static_cast<const T*>(p.x),
+		TDMPC2_LAUNCH(blocks_for(p.n), threads, 0, stream, ortho_forward_kernel<T>)(static_cast<const T*>(p.x),
 				static_cast<T*>(p.out), p.n, p.e, p.d, eps2);
 	} else {
 		const size_t shared = sizeof(T) * static_cast<size_t>(ortho_coef_size(p.e));
-		ortho_backward_kernel<T><<<blocks_for(p.n), threads, shared, stream>>>(static_cast<const T*>(p.grad),
+		TDMPC2_LAUNCH(blocks_for(p.n), threads, shared, stream, ortho_backward_kernel<T>)(static_cast<const T*>(p.grad),
 				static_cast<const T*>(p.x), static_cast<T*>(p.out), static_cast<T*>(p.work), p.n, p.e, p.d, eps2);
 	}
 	return cudaGetLastError();

@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include "../gate_row.h"
+#include "kernel_syntax.h"
 #include "launch.h"
 
 namespace tdmpc2_moe {
@@ -167,7 +168,7 @@ __global__ void __launch_bounds__(kRowsPerBlock, EB <= 16 ? 4 : 1) gate_forward_
 
 template <typename TIn, typename TRing>
 __global__ void __launch_bounds__(kBlock) gate_forward_block(GateForwardParams p) {
-	extern __shared__ float smem[];
+	TDMPC2_DYNAMIC_SHARED(float, smem);
 	__shared__ float scratch[32];
 	const int e = p.e, k = p.k;
 	float* prob = smem;  // [e] the current row
@@ -225,7 +226,7 @@ __global__ void __launch_bounds__(kRowsPerBlock) gate_backward_rows(GateBackward
 
 template <typename TIn>
 __global__ void __launch_bounds__(kBlock) gate_backward_block(GateBackwardParams p) {
-	extern __shared__ float smem[];
+	TDMPC2_DYNAMIC_SHARED(float, smem);
 	__shared__ float scratch[32];
 	const int e = p.e, k = p.k;
 	float* prob = smem;  // [e]
@@ -279,9 +280,9 @@ cudaError_t launch_topk_gate_forward(const GateForwardParams& p, cudaStream_t st
 			gate_with_bucket(p.e, [&](auto bucket) {
 				constexpr int EB = decltype(bucket)::value;
 				if constexpr (EB > 0)
-					gate_forward_rows<EB, TIn, TRing><<<blocks, kRowsPerBlock, 0, stream>>>(p);
+					TDMPC2_LAUNCH(blocks, kRowsPerBlock, 0, stream, gate_forward_rows<EB, TIn, TRing>)(p);
 				else
-					gate_forward_block<TIn, TRing><<<blocks, kBlock, 2 * sizeof(float) * p.e, stream>>>(p);
+					TDMPC2_LAUNCH(blocks, kBlock, 2 * sizeof(float) * p.e, stream, gate_forward_block<TIn, TRing>)(p);
 			});
 		});
 	});
@@ -295,11 +296,11 @@ cudaError_t launch_topk_gate_backward(const GateBackwardParams& p, cudaStream_t 
 		gate_with_bucket(p.e, [&](auto bucket) {
 			constexpr int EB = decltype(bucket)::value;
 			if constexpr (EB > 0)
-				gate_backward_rows<EB, TIn><<<static_cast<unsigned>(blocks_for(p.n, kRowsPerBlock)), kRowsPerBlock, 0,
-						stream>>>(p);
+				TDMPC2_LAUNCH(static_cast<unsigned>(blocks_for(p.n, kRowsPerBlock)), kRowsPerBlock, 0, stream,
+						gate_backward_rows<EB, TIn>)(p);
 			else
-				gate_backward_block<TIn><<<static_cast<int>(p.n < kMaxBlocks ? p.n : kMaxBlocks), kBlock,
-						2 * sizeof(float) * p.e, stream>>>(p);
+				TDMPC2_LAUNCH(static_cast<int>(p.n < kMaxBlocks ? p.n : kMaxBlocks), kBlock, 2 * sizeof(float) * p.e,
+						stream, gate_backward_block<TIn>)(p);
 		});
 	});
 	return cudaGetLastError();
