@@ -6,9 +6,10 @@
 //     (gate_exp, gate_key, gate_lse, gate_index, gate_backward_shift, gate_pick_grad) and the ring
 //     slot / write; the test-only op of tests/csrc/gpu_rows_host.cpp runs the CUDA kernels' row functions
 //     above on the host, row by row (a one-thread team for E > 32), so CPU tests reach every function
-//     in this file with the GPU's control flow. What only the GPU runs: expf (the host uses the
-//     polynomial of gate_exp), the CUDA team's shuffle/shared-memory reductions and the statistics'
-//     reduction across blocks.
+//     in this file with the GPU's control flow. The CUDA team's shuffle/shared-memory reductions and the
+//     statistics' reduction across blocks run on the CPU only in the test-only SIMT emulator build of
+//     the .cu files (tests/emulator, docs/gpu.md); device expf (the host uses the polynomial of
+//     gate_exp) runs only on a GPU.
 //
 // Template parameter EB (thread-per-row functions): a compile-time bound on E (4, 8, 16 or 32) lets the
 // compiler unroll the loops and keep a row in registers; entries e..EB-1 are padding.

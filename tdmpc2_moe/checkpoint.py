@@ -21,7 +21,6 @@ When and how a training run writes and resumes from these files is resume.py.
 """
 import os
 import random
-import time
 import zlib
 from pathlib import Path
 

@@ -21,7 +21,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 
 

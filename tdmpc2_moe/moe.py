@@ -26,11 +26,10 @@ class MoEBlock(nn.Module):
 	Mixture-of-Experts drop-in for TD-MPC2's `layers.mlp(in_dim, mlp_dims, out_dim, act, dropout)`
 	(docs/design.md 5): E experts of upstream's layer structure (`experts`, experts.py), a linear gate
 	with `topk_gate` (`router`, router.py), and the top-k weighted sum of the expert outputs.
-	Options are keywords (`n_experts=4, top_k=2, temperature=1.0, aux_coef=0.01, zloss_coef=0.0,
-	history_rows=65536, dispatch="auto"`, the fork's model: `balance`, `shared_head`, `orthogonal`,
-	`gate_dims`, `target_entropy`, `temperature_bounds`, `temperature_rate`, `temperature_freeze`,
-	`last_norm`, `gate_offset`; `expert_dim`), or a `settings.BlockOptions` as `options` with keywords
-	replacing its fields; each is documented where it is declared, in settings.MoESettings.
+	Options are keywords (e.g. `n_experts=4, top_k=2, temperature=1.0, history_rows=65536`), or a
+	`settings.BlockOptions` as `options` with keywords replacing its fields: the fields of BlockOptions,
+	each declared and documented once in `settings.MoESettings` (the fork's model, docs/design.md 5a, is
+	options too); `inspect.signature(MoEBlock)` lists them with their defaults.
 	The load-balancing (+ z) loss rides on the output's autograd graph: whatever loss is
 	backpropagated through the output also trains the gate towards balance; nothing accumulates.
 	"""

@@ -26,13 +26,13 @@ import sys
 import torch
 
 from . import _hooks
+from .config_keys import check_checkpoint
 from .device import torch_on
 from .gate_snapshots import GateSnapshots
 from .heads import (block_options, built_heads, freeze_experts, head_of_caller, init_experts, moe_blocks,
 					moe_metrics)
 from .moe import MoEBlock
 from .monitor import MemoryMonitor
-from .config_keys import check_checkpoint
 from .settings import MoESettings
 from .upstream import PINNED_COMMIT
 

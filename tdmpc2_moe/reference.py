@@ -1,5 +1,5 @@
 """Plain-PyTorch reference of every op: the tests' oracle and the fallback when `_C` is missing."""
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 

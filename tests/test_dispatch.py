@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_compiled_matches_eager
-from tdmpc2_moe.dispatch import choose, group_by_expert, run_grouped, run_padded, tile_rows
+from tdmpc2_moe.dispatch import choose, group_by_expert, run_padded, tile_rows
 from tdmpc2_moe.baselines import SimNorm
 from tdmpc2_moe.moe import MoEBlock
 

@@ -2,7 +2,6 @@
 import os
 
 import numpy as np
-import pytest
 import torch
 
 from tdmpc2_moe.cli import main as cli_main

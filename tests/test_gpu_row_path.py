@@ -2,9 +2,10 @@
 The CUDA kernels' row code (csrc/gate_row.h: the thread-per-row path for E <= 32, the team path for
 E > 32), compiled for the host behind the test-only ops tdmpc2_moe_test::gpu_rows_forward / _backward
 (tests/csrc/gpu_rows_host.cpp, built here with torch.utils.cpp_extension against the repository's
-csrc/ headers; users' extensions do not carry them) and checked against the reference: the GPU's selection, softmax, statistics, ring write and backward
-logic, tested on a machine without a GPU. (expf, the block reductions and the cross-block statistics
-run only on a GPU: tests/test_cuda.py.)
+csrc/ headers; users' extensions do not carry them) and checked against the reference: the GPU's
+selection, softmax, statistics, ring write and backward
+logic, tested on a machine without a GPU. (The block reductions and the cross-block statistics run in
+the emulated .cu kernels of tests/test_cuda_emulated.py; device expf only on a GPU: tests/test_cuda.py.)
 """
 import math
 from pathlib import Path

@@ -141,7 +141,7 @@ def test_offline_multitask_training_with_the_fork_preset(walker_cfg, tdmpc2_root
 	routes = {}
 	for name, block in blocks.items():
 		assert block.options.gate_dims == (cfg.latent_dim, cfg.latent_dim + cfg.task_dim)
-		assert state["model"][f"{heads.HEAD_PREFIX[name]}.gate.weight"].shape == (block.n_experts, cfg.task_dim)
+		assert state["model"][f"{heads.HEAD_PREFIX[name]}.router.gate.weight"].shape == (block.n_experts, cfg.task_dim)
 		with torch.no_grad():
 			for task in DATA_TASKS:
 				t = torch.full((8,), task)

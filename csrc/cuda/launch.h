@@ -1,5 +1,5 @@
 // Host entry points of the CUDA kernels (cuda/topk_gate.cu): raw pointers and a stream only, so the
-// .cu needs no ATen/c10 header and compiles with plain nvcc. cuda/binding.cpp calls them.
+// .cu needs no ATen/c10 header and compiles with plain nvcc. cuda/binding_impl.h calls them.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,5 +1,5 @@
 // Host entry points of the orthonormalisation's CUDA kernels (cuda/ortho_kernels.cu): raw pointers and
-// a stream only, so the .cu needs no ATen/c10 header. cuda/ortho_binding.cpp calls them.
+// a stream only, so the .cu needs no ATen/c10 header. cuda/binding_impl.h calls them.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from .. import gate_plots, gate_stats
+from ..config_keys import checkpoint_overrides
 from ..heads import HEAD_PREFIX, moe_blocks
 from ..recording import GateRecorder, VideoWriter
-from ..config_keys import checkpoint_overrides
 
 # Overrides applied before the user's: planning is not compiled for a short evaluation run.
 _PLAY_DEFAULTS = ["compile=false", "enable_wandb=false", "save_video=false"]

@@ -29,8 +29,8 @@ from pathlib import Path
 
 from .. import patching, resume, upstream
 from ..checkpoint import CheckpointError
-from ..device import torch_on
 from ..config_keys import config_defaults
+from ..device import torch_on
 from ..settings import MoESettings
 
 
