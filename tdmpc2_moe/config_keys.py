@@ -6,7 +6,7 @@ All of it is derived from the fields of `MoESettings`.
 """
 import dataclasses
 
-from .settings import ARCHITECTURE, MODEL, SHAPE, MoESettings, fork_preset
+from .settings import ARCHITECTURE, MODEL, SHAPE, MoESettings, fork_preset, plain_value
 
 YAML_HEADER = """\
 # tdmpc2_moe: Mixture-of-Experts world-model heads. Flat keys, as in TD-MPC2's config.yaml. Generated from
@@ -28,11 +28,7 @@ def config_defaults():
 	without a preset, the plugin's default) applies, and a value the user writes wins over the preset.
 	"""
 	preset = _preset_keys()
-	return {f.name: None if f.name in preset else _plain(f.default) for f in dataclasses.fields(MoESettings)}
-
-
-def _plain(value):
-	return list(value) if isinstance(value, tuple) else value
+	return {f.name: None if f.name in preset else plain_value(f.default) for f in dataclasses.fields(MoESettings)}
 
 
 def yaml_value(value):
@@ -77,15 +73,14 @@ def checkpoint_overrides(saved):
 
 def _architecture(saved):
 	# Settings saved before a key existed had its default.
-	return {k: _plain(saved.get(k, getattr(MoESettings, k))) for k in ARCHITECTURE}
+	return {k: plain_value(saved.get(k, getattr(MoESettings, k))) for k in ARCHITECTURE}
 
 
 def describe(saved):
 	"""Returns a one-line description of the architecture in checkpoint settings (a checkpoint_dict, or None for plain)."""
 	if not saved or not saved.get("use_moe"):
 		return "plain TD-MPC2 (use_moe=false)"
-	return " ".join(f"{k}={override_value(v) if isinstance(v, (bool, list)) else v}"
-					for k, v in _architecture(saved).items())
+	return " ".join(f"{k}={override_value(v)}" for k, v in _architecture(saved).items())
 
 
 def check_checkpoint(state, settings):

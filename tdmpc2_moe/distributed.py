@@ -30,8 +30,8 @@ from .moe import MoEBlock
 from .routing_stats import from_sums
 
 # MoEBlock buffers that describe the rows a rank routed: its GateHistory and its latest-batch record.
-_ROUTING_BUFFERS = tuple(f"router.{name}" for name in ("history.ring", "history.cursor", "_last_aux", "_last_usage",
-													   "_last_mean_weight", "_last_entropy", "_last_rows"))
+_ROUTING_BUFFERS = tuple(f"router.{name}" for name in ("history.ring", "history.cursor", "_last_aux", "_last_slots",
+													   "_last_weight", "_last_entropy", "_last_rows"))
 
 
 def routing_buffer_names(module):

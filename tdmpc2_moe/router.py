@@ -12,8 +12,7 @@ import torch.nn.functional as F
 
 from .history import GateHistory
 from .ops import topk_gate
-from .reference import dense_routing
-from .routing_stats import summarize
+from .routing_stats import from_sums, topk_statistic_sums
 from .temperature import AdaptiveTemperature
 
 KL_EPS = 1e-9
@@ -44,8 +43,8 @@ class Router(nn.Module):
 	The routing half of a MoEBlock with `options` (settings.BlockOptions) for inputs of width `in_dim`.
 	`gate` is the linear gate; `adaptive_temperature` the temperature when `target_entropy` is set
 	(else None: the fixed `temperature`); `history` the gate's GateHistory (None when `history_rows`
-	is None or 0). Without a history, the latest batch's routing statistics are kept instead, in
-	fixed buffers overwritten in place (no host sync).
+	is None or 0). Without a history, the sums behind the latest batch's routing statistics are kept
+	instead (routing_stats.py), in fixed buffers overwritten in place (no host sync).
 	"""
 
 	def __init__(self, in_dim, options):
@@ -66,8 +65,8 @@ class Router(nn.Module):
 		self.history = GateHistory(options.history_rows, options.n_experts) if options.history_rows else None
 		e = options.n_experts
 		self.register_buffer("_last_aux", torch.zeros(()), persistent=False)
-		self.register_buffer("_last_usage", torch.zeros(e), persistent=False)
-		self.register_buffer("_last_mean_weight", torch.zeros(e), persistent=False)
+		self.register_buffer("_last_slots", torch.zeros(e), persistent=False)
+		self.register_buffer("_last_weight", torch.zeros(e), persistent=False)
 		self.register_buffer("_last_entropy", torch.zeros(()), persistent=False)
 		self.register_buffer("_last_rows", torch.zeros((), dtype=torch.int64), persistent=False)
 
@@ -129,11 +128,9 @@ class Router(nn.Module):
 		return out
 
 	def _record_latest(self, gate):
-		rows = gate.weights.shape[0]
-		stats = summarize(dense_routing(gate.weights.to(self._last_usage.dtype), gate.indices, self.options.n_experts))
-		for name in ("usage", "mean_weight", "entropy"):
-			getattr(self, f"_last_{name}").copy_(stats[name])
-		self._last_rows.fill_(rows)
+		for name, value in topk_statistic_sums(gate.weights, gate.indices, self.options.n_experts).items():
+			getattr(self, f"_last_{name}").copy_(value)
+		self._last_rows.fill_(gate.weights.shape[0])
 
 	@property
 	def temperature(self):
@@ -151,8 +148,8 @@ class Router(nn.Module):
 		if self.history is not None:
 			out = self.history.stats()
 		else:
-			out = {"usage": self._last_usage, "mean_weight": self._last_mean_weight, "entropy": self._last_entropy,
-				   "max_load": self._last_usage.max(), "rows": self._last_rows}
+			sums = {"slots": self._last_slots, "weight": self._last_weight, "entropy": self._last_entropy}
+			out = from_sums(sums, self._last_rows)
 		out["aux_loss"] = self._last_aux
 		out["temperature"] = self.temperature
 		return out

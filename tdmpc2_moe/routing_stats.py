@@ -26,6 +26,17 @@ def statistic_sums(weights):
 			"entropy": row_entropy(weights).sum()}
 
 
+def topk_statistic_sums(weights, indices, n_experts):
+	"""
+	Returns the `statistic_sums` of the routing vectors that top-k `weights` [N, k] at `indices` [N, k]
+	scatter into `n_experts` slots, without building those [N, E] vectors (cheaper per forward).
+	"""
+	flat_weights, flat_indices = weights.reshape(-1), indices.reshape(-1)
+	per_expert = lambda values: weights.new_zeros(n_experts).index_add_(0, flat_indices, values)  # noqa: E731
+	return {"slots": per_expert((flat_weights > 0).to(weights.dtype)), "weight": per_expert(flat_weights),
+			"entropy": row_entropy(weights).sum()}
+
+
 def from_sums(sums, rows):
 	"""
 	Returns the statistics of rows whose `statistic_sums` are `sums`, `rows` of them (an int or a

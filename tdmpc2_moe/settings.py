@@ -127,8 +127,7 @@ class MoESettings:
 						   boolean)
 
 	def __post_init__(self):
-		for field in dataclasses.fields(self):
-			object.__setattr__(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
+		_check_fields(self)
 		check_block_options(self._block_values(), lambda option: BLOCK_KEYS[option])
 		if self.moe_init_experts and len(self.moe_init_experts) != self.moe_experts:
 			raise ValueError(f"moe_init_experts must name one checkpoint per expert (moe_experts={self.moe_experts}), "
@@ -176,10 +175,17 @@ class MoESettings:
 
 	def checkpoint_dict(self):
 		"""Returns the settings a checkpoint records (every kind but "run"), as plain Python types (weights_only loads them)."""
-		return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["kind"] != RUN}
+		return {f.name: plain_value(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["kind"] != RUN}
 
 
-def _plain(value):
+def _check_fields(record):
+	# Each field through its own check, under its own name; the normalised value replaces the given one.
+	for field in dataclasses.fields(record):
+		object.__setattr__(record, field.name, field.metadata["check"](field.name, getattr(record, field.name)))
+
+
+def plain_value(value):
+	"""Returns a setting's value as a plain Python type for files and configs (tuples as lists)."""
 	return list(value) if isinstance(value, tuple) else value
 
 
@@ -222,8 +228,7 @@ def _block_option_fields():
 
 
 def _check_block_fields(self):
-	for field in dataclasses.fields(self):
-		object.__setattr__(self, field.name, field.metadata["check"](field.name, getattr(self, field.name)))
+	_check_fields(self)
 	check_block_options(dataclasses.asdict(self), str)
 
 

@@ -194,7 +194,7 @@ def test_keep_routing_local_names_every_routing_buffer():
 	model = torch.nn.Sequential(MoEBlock(8, [16], 4, n_experts=4), torch.nn.Linear(4, 4),
 								MoEBlock(4, [8], 2, n_experts=2, history_rows=None))
 	names = distributed.keep_routing_local(model)
-	latest = ["_last_aux", "_last_usage", "_last_mean_weight", "_last_entropy", "_last_rows"]
+	latest = ["_last_aux", "_last_slots", "_last_weight", "_last_entropy", "_last_rows"]
 	assert names == [f"0.router.{n}" for n in ["history.ring", "history.cursor", *latest]] \
 		+ [f"2.router.{n}" for n in latest]
 	assert model._ddp_params_and_buffers_to_ignore == names

@@ -87,5 +87,5 @@ def test_world_model_heads_and_checkpoints_carry_the_width(walker_cfg, tmp_path)
 	for name, p in agent.model.state_dict().items():
 		if isinstance(p, torch.Tensor):
 			torch.testing.assert_close(restored.model.state_dict()[name], p, msg=name)
-	with pytest.raises(ValueError, match=r"moe_expert_dim=192.*moe_expert_dim=None"):
+	with pytest.raises(ValueError, match=r"moe_expert_dim=192.*moe_expert_dim=null"):
 		TDMPC2(walker_cfg("use_moe=true", "moe_experts=8", "moe_top_k=2")).load(path)

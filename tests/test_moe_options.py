@@ -417,7 +417,7 @@ def test_defaults_build_the_plain_block():
 						last_norm=False, gate_offset=False)
 	assert list(plain.state_dict()) == list(explicit.state_dict())
 	assert sorted(n for n, _ in plain.named_buffers()) == [
-		f"router.{n}" for n in ["_last_aux", "_last_entropy", "_last_mean_weight", "_last_rows", "_last_usage",
+		f"router.{n}" for n in ["_last_aux", "_last_entropy", "_last_rows", "_last_slots", "_last_weight",
 								"history.cursor", "history.ring"]]
 	assert plain.router.adaptive_temperature is None and repr(plain) == repr(explicit)
 	x = torch.randn(9, IN)
