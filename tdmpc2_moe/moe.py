@@ -42,8 +42,10 @@ class MoEBlock(nn.Module):
 			check_int("in_dim" if i == 0 else "out_dim" if i == len(mlp_dims) + 1 else "mlp_dims", d, 1)
 		check_number("dropout", dropout, positive=False)
 		self.in_dim, self.out_dim, self.options = in_dim, out_dim, options
-		self.router = Router(in_dim, options)
+		# Experts before the router: parameters drawn in the order of blocks built before the split, so that
+		# a seed gives the same model as it did then.
 		self.experts = Experts(in_dim, mlp_dims, out_dim, act, dropout, options)
+		self.router = Router(in_dim, options)
 		self.register_load_state_dict_pre_hook(_load_old_layout)
 
 	@property

@@ -245,10 +245,16 @@ def test_bad_constructor_arguments_name_the_argument(kwargs, name):
 
 def test_state_dicts_saved_before_the_router_experts_split_still_load():
 	# Written by MoEBlock at commit e967d95 (gate, adaptive_temperature and layers directly on the block):
-	# a default block and one with the fork's options, after three SGD steps (the temperature moved).
+	# a default block and one with the fork's options, as built from a seed and after three SGD steps
+	# (the temperature moved). The same seed still draws the same parameters.
 	saved = torch.load(Path(__file__).parent / "data" / "moeblock_before_split.pt", weights_only=True)
 	for case in saved.values():
+		torch.manual_seed(case["init_seed"])
 		block = MoEBlock(8, [16], 4, **case["options"])
+		fresh = block.state_dict()
+		assert list(fresh) == [f"{'router.' if k.startswith(('gate', 'adaptive')) else 'experts.'}{k}" for k in case["init"]]
+		for key, value in case["init"].items():
+			assert torch.equal(fresh[("router." if key.startswith(("gate", "adaptive")) else "experts.") + key], value), key
 		block.load_state_dict(case["state"])
 		block.eval()
 		with torch.no_grad():
