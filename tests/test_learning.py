@@ -1,9 +1,9 @@
 """
 The learning benchmark (benchmarks/learning/): its sweep script runs exactly the settings recorded
 next to the committed results, the committed results are in the layout `tdmpc2-moe compare` reads
-(migrate.py moved them there once) and `compare` over them gives the committed table, the measured
-timings' table, no import circle among the benchmark scripts, and the world-model fits on a tiny
-budget. Parts that build agents need a TD-MPC2 checkout ($TDMPC2_ROOT) and are skipped without one.
+(migrate.py moved them there once) and `compare` over them gives the committed table, the run made
+again through the sweep had their settings, the measured timings' table, no import circle among the
+benchmark scripts, and the world-model fits on a tiny budget. Parts that build agents need a TD-MPC2 checkout ($TDMPC2_ROOT) and are skipped without one.
 """
 import ast
 import csv
@@ -240,6 +240,25 @@ def test_windows_match_upstreams_batch_layout():
 # ---- with a TD-MPC2 checkout ----
 
 @pytest.mark.slow
+def test_sweep_script_end_to_end_on_a_tiny_budget(tdmpc2_root, tmp_path):
+	# The real tdmpc2-moe: the plain variant's sweep with the budget cut down through EXTRA (a later
+	# override wins), then compare over what it wrote.
+	tiny = "steps=500 seed_steps=500 eval_freq=500 batch_size=4 mpc=false monitor_mem_interval=0"
+	command = Path(sys.executable).with_name("tdmpc2-moe")
+	assert command.is_file(), f"{command}: the installed command"
+	env = dict(os.environ, TDMPC2_ROOT=str(tdmpc2_root), TDMPC2_MOE=str(command), TASKS="cartpole-balance", SEEDS="1",
+			   EXTRA=tiny, LAUNCHER="hydra/launcher=joblib hydra.launcher.n_jobs=1")
+	done = subprocess.run(["bash", str(LEARNING / "sweep.sh"), "plain"], cwd=tmp_path, capture_output=True, text=True,
+						  env=env, timeout=600)
+	assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+	assert "tdmpc2-moe sweep: 1 of 1 jobs finished" in done.stdout
+	assert "finished, return" in done.stderr, "the job's progress line"
+	with open(tmp_path / "logs" / "cartpole-balance" / "1" / "plain" / "eval.csv") as f:
+		assert [float(r["step"]) for r in csv.DictReader(f)] == [0.0, 500.0]
+	assert "| exp_name=plain | 1 |" in (tmp_path / "compare" / "compare.md").read_text()
+	assert (tmp_path / "compare" / "cartpole-balance.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_measure_times_a_variant_with_the_runs_settings(tdmpc2_root):
 	m = measure.measure("cartpole-balance", "matched", tdmpc2_root, updates=2, acts=3, warmup=1)
 	assert m["updates"] == 2 and m["acts"] == 3 and m["backend"] in ("cpu", "cuda", "reference")
