@@ -1,118 +1,223 @@
 """
-The learning benchmark (benchmarks/learning/): its results CSV (upstream's `step,reward,seed`), the
-resume rule (a finished run is not redone), a real `tdmpc2-moe train` run on a tiny budget, the skip
-of a variant whose setting is unknown, the plot/table report, and the world-model fit benchmark on a
-tiny budget. Parts that train need a TD-MPC2 checkout ($TDMPC2_ROOT) and are skipped without one.
+The learning benchmark (benchmarks/learning/): its sweep script runs exactly the settings recorded
+next to the committed results, the committed results are in the layout `tdmpc2-moe compare` reads
+(migrate.py moved them there once) and `compare` over them gives the committed table, the run made
+again through the sweep had their settings, the measured timings' table, no import circle among the
+benchmark scripts, and the world-model fits on a tiny budget. Parts that build agents need a TD-MPC2 checkout ($TDMPC2_ROOT) and are skipped without one.
 """
+import ast
+import csv
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "learning"))
-import learning  # noqa: E402
-import report  # noqa: E402
+from tdmpc2_moe import compare, sweep
+from tdmpc2_moe.cli import compare as compare_cli
+
+LEARNING = Path(__file__).resolve().parents[1] / "benchmarks" / "learning"
+RESULTS = LEARNING / "results"
+sys.path.insert(0, str(LEARNING))
+import measure  # noqa: E402
+import migrate  # noqa: E402
 import mt_fit  # noqa: E402
+import variants  # noqa: E402
 import wm_fit  # noqa: E402
 
-# One 500-step episode of cartpole-balance (evaluations happen at episode ends, and upstream's buffer
-# holds nothing to train on before the first episode ends, so seed_steps is at least its length),
-# planning and batches cut down so that a run takes well under a minute.
-TINY = ["model_size=1", "device=cpu", "compile=false", "seed_steps=500", "batch_size=16", "num_samples=16",
-		"num_elites=4", "num_pi_trajs=2", "iterations=1", "eval_episodes=1", "enable_wandb=false",
-		"save_video=false", "save_agent=false", "monitor_mem_interval=0"]
+# The table compare gives for the committed results (benchmarks/learning/README.md names the command).
+COMPARE_ARGS = [str(RESULTS), "--by", "exp_name", "--at", "0", "1000", "2000", "3000", "4000"]
 
 
-def _run(tmp_path, variant="plain", steps=500, settings=TINY):
-	return learning.Run(tmp_path, "cartpole-balance", variant, 1, steps, 500, "/nonexistent", settings)
+def _committed_runs():
+	"""Returns {(task, seed, variant): config dict} of the committed runs."""
+	runs = {}
+	for path in sorted(RESULTS.glob("*/*/*/config.yaml")):
+		config = OmegaConf.to_container(OmegaConf.load(path))
+		runs[(config["task"], config["seed"], config["exp_name"])] = config
+	return runs
 
 
-def test_results_csv_is_upstreams_format(tmp_path):
-	path = tmp_path / "r" / "seed3.csv"
-	learning.write_results(path, [(0, 12.345), (500, 600.0)], seed=3)
-	assert path.read_text().splitlines() == ["step,reward,seed", "0,12.3,3", "500,600.0,3"]
-	assert learning.read_results(path) == [(0, 12.3, 3), (500, 600.0, 3)]
-	# Upstream's own per-task results files read the same way.
-	path.write_text("step,reward,seed\n0,270.6,3\n100000,998.4,3\n")
-	assert learning.read_results(path)[-1] == (100000, 998.4, 3)
+def _sweep_script(tmp_path, *args, fail=None, **env):
+	"""
+	Runs sweep.sh with a stand-in for tdmpc2-moe that records its arguments and thread settings (and
+	fails when `fail` is among its arguments); returns (process, [argv of each call]).
+	"""
+	fake = tmp_path / "fake-tdmpc2-moe"
+	calls = tmp_path / "calls.jsonl"
+	fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+					f"threads = [os.environ.get(k) for k in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')]\n"
+					f"open({str(calls)!r}, 'a').write(json.dumps([threads, sys.argv[1:]]) + '\\n')\n"
+					f"sys.exit(1 if {fail!r} in sys.argv else 0)\n")
+	fake.chmod(0o755)
+	environ = {k: v for k, v in os.environ.items() if k not in ("TASKS", "SEEDS", "LAUNCHER", "EXTRA")}
+	done = subprocess.run(["bash", str(LEARNING / "sweep.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
+						  env=dict(environ, TDMPC2_ROOT="/the/checkout", TDMPC2_MOE=str(fake), MKL_NUM_THREADS="8", **env),
+						  timeout=60)
+	recorded = [json.loads(line) for line in calls.read_text().splitlines()] if calls.is_file() else []
+	assert all(threads == ["1", "1"] for threads, _ in recorded), "one torch thread per run, whatever the caller set"
+	return done, [argv for _, argv in recorded]
 
 
-def test_results_csv_bad_input(tmp_path):
-	with pytest.raises(ValueError, match="evals"):
-		learning.write_results(tmp_path / "x.csv", [], seed=1)
-	bad = tmp_path / "eval.csv"
-	bad.write_text("step,episode_reward\n0,1.0\n")
-	with pytest.raises(ValueError, match="step,reward,seed"):
-		learning.read_results(bad)
-	with pytest.raises(ValueError, match="variants"):
-		learning.plan(tmp_path, ["cartpole-balance"], [1], ["plain", "nope"], 500, 500, "/x")
+def test_sweep_script_trains_exactly_the_committed_runs(tmp_path):
+	done, calls = _sweep_script(tmp_path)
+	assert done.returncode == 0, done.stderr
+	trains, last = calls[:-1], calls[-1]
+	assert [c[:4] for c in trains] == [["train", "--tdmpc2", "/the/checkout", "-m"]] * 4
+	committed, swept = _committed_runs(), {}
+	for call in trains:
+		jobs, launcher = sweep.expand(call[4:])
+		assert launcher == ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+		for job in jobs:
+			config = OmegaConf.to_container(OmegaConf.from_dotlist(job))
+			swept[(config["task"], config["seed"], config["exp_name"])] = config
+	assert len(committed) == 24 and swept.keys() == committed.keys()
+	for run, config in swept.items():
+		assert config == committed[run], run
+	assert last == ["compare", "logs", "--by", "exp_name", "--at", "0", "1000", "2000", "3000", "4000", "--out", "compare"]
 
 
-def test_runs_launch_seed_by_seed_so_every_task_gets_its_first_seed_first(tmp_path):
-	runs = learning.plan(tmp_path, ["cartpole-balance", "walker-stand"], [1, 2], ["plain", "moe"], 500, 500, "/x")
-	assert [(r.seed, r.task, r.variant) for r in runs] == [
-		(1, "cartpole-balance", "plain"), (1, "cartpole-balance", "moe"), (1, "walker-stand", "plain"),
-		(1, "walker-stand", "moe"), (2, "cartpole-balance", "plain"), (2, "cartpole-balance", "moe"),
-		(2, "walker-stand", "plain"), (2, "walker-stand", "moe")]
+def test_sweep_script_runs_the_variants_named_and_reports_a_failing_one(tmp_path):
+	done, calls = _sweep_script(tmp_path, "plain", "moe", fail="exp_name=plain", SEEDS="7", TASKS="walker-walk",
+								LAUNCHER="hydra/launcher=submitit_slurm hydra.launcher.partition=gpu",
+								EXTRA="checkpoint_interval=1000 resume=true")
+	assert done.returncode == 1, "the plain sweep failed"
+	assert [c[0] for c in calls] == ["train", "train", "compare"], "moe and compare still ran"
+	for call, name in zip(calls, ("plain", "moe")):
+		assert f"exp_name={name}" in call and "seed=7" in call and "task=walker-walk" in call
+		assert call[-4:] == ["checkpoint_interval=1000", "resume=true", "hydra/launcher=submitit_slurm",
+							 "hydra.launcher.partition=gpu"]
+	(tmp_path / "again").mkdir()
+	done, calls = _sweep_script(tmp_path / "again", "plain", "nope")
+	assert done.returncode == 2 and "unknown variant nope" in done.stderr and calls == [], "nothing ran"
+
+
+def test_variants_are_the_settings_of_the_committed_runs():
+	for (task, seed, name), config in _committed_runs().items():
+		keys = [f"task={task}", f"seed={seed}", "steps=4000", "eval_freq=1000", f"exp_name={name}",
+				*variants.COMMON, *variants.VARIANTS[name]]
+		assert OmegaConf.to_container(OmegaConf.from_dotlist(keys)) == config, (task, seed, name)
 
 
 def test_moe_variants_take_gate_snapshots_plain_does_not():
-	assert not any(o.startswith("gate_snapshot_interval") for o in learning.VARIANTS["plain"])
-	for variant in ("moe", "fork"):
-		assert f"gate_snapshot_interval={learning.GATE_SNAPSHOT_EVERY}" in learning.VARIANTS[variant]
+	assert not any(o.startswith("gate_snapshot_interval") for o in variants.VARIANTS["plain"])
+	for name in ("moe", "fork", "matched"):
+		assert f"gate_snapshot_interval={variants.GATE_SNAPSHOT_EVERY}" in variants.VARIANTS[name]
 
 
-def test_rss_growth_counts_from_the_first_evaluation_after_pretraining():
-	# (seconds, last evaluated step, MB): the buffer and optimiser fill up during the seed steps.
-	samples = [(2, -1, 200.0), (4, 0, 400.0), (6, 1000, 480.0), (8, 1500, 500.0), (10, 2000, 507.5), (12, 2000, 0.0)]
-	assert learning.rss_growth(samples, eval_freq=500, seed_steps=1000) == 7.5, "0 MB: read while exiting"
-	assert learning.rss_growth(samples[:4], eval_freq=500, seed_steps=1000) is None
+def test_committed_runs_are_finished_runs_of_their_recorded_command():
+	for path in sorted(RESULTS.glob("*/*/*/run.json")):
+		info = json.loads(path.read_text())
+		argv = info["command"].split()
+		overrides = argv[argv.index("--tdmpc2") + 2:]
+		config = OmegaConf.to_container(OmegaConf.load(path.with_name("config.yaml")))
+		assert migrate.config_of(overrides) == config, path
+		assert info["status"] == "finished" and info["steps"] == config["steps"] and info["wall_s"] > 0
+		with open(path.with_name("eval.csv")) as f:
+			steps = [int(r["step"]) for r in csv.DictReader(f)]
+		assert steps == list(range(0, config["steps"] + 1, config["eval_freq"])), path
+		routing = path.with_name("routing_over_training.png").is_file()
+		assert routing == config["use_moe"], "every MoE run (and only those) has its routing plot"
 
 
-def _finish_by_hand(run, evals):
-	learning.write_results(run.csv, evals, run.seed)
-	run.meta.write_text(json.dumps(dict(overrides=run.overrides())))
+def test_the_run_made_again_through_the_sweep_had_the_committed_settings():
+	# rerun/ holds one run of `sweep.sh plain` (its whole composed config): every key of the committed
+	# run's command has the same value there, so what differs in its returns is not a setting.
+	rerun = OmegaConf.to_container(OmegaConf.load(LEARNING / "rerun" / "cartpole-balance" / "1" / "plain" / "config.yaml"))
+	committed = _committed_runs()[("cartpole-balance", 1, "plain")]
+	assert {k: rerun[k] for k in committed} == committed
+	runs, skipped = compare.read_runs([LEARNING / "rerun"])
+	assert not skipped and [s for s, _ in runs[0]["evals"]] == [0, 1000, 2000, 3000, 4000]
 
 
-def test_complete_only_for_a_finished_run_of_the_same_command(tmp_path):
-	run = _run(tmp_path)
-	assert not run.complete()
-	_finish_by_hand(run, [(0, 10.0)])
-	assert not run.complete(), "a run that stopped before its last step is not complete"
-	_finish_by_hand(run, [(0, 10.0), (500, 20.0)])
-	assert run.complete()
-	assert not _run(tmp_path, steps=1000).complete(), "another budget is another run"
-	assert not _run(tmp_path, settings=TINY + ["lr=1e-3"]).complete(), "other settings are another run"
-	run.csv.write_text("garbage\n")
-	assert not run.complete()
+def test_compare_over_the_committed_results_gives_the_committed_table(tmp_path, capsys):
+	assert compare_cli.main([*COMPARE_ARGS, "--out", str(tmp_path)]) == 0
+	assert capsys.readouterr().out.startswith(f"read 24 runs under {RESULTS}; variants by exp_name")
+	for name in ("compare.md", "compare.csv"):
+		assert (tmp_path / name).read_text() == (LEARNING / "compare" / name).read_text(), name
+	for task in ("cartpole-balance", "walker-stand"):
+		assert (tmp_path / f"{task}.png").read_bytes()[:4] == b"\x89PNG"
+	# The tables the READMEs show are this table, row for row.
+	rows = [line for line in (tmp_path / "compare.md").read_text().splitlines() if line.startswith("| exp_name=")]
+	assert len(rows) == 8
+	for readme in (LEARNING / "README.md", LEARNING.parent / "README.md"):
+		text = readme.read_text()
+		assert all(row in text for row in rows), readme
 
 
-def test_complete_runs_are_not_started_again(tmp_path):
-	run = _run(tmp_path)
-	_finish_by_hand(run, [(0, 10.0), (500, 20.0)])
-	lines = []
-	status = learning.run_all([run], jobs=1, poll_s=0.1, echo=lines.append)
-	assert status == {run.name: "complete"}
-	assert not run.work.exists(), "nothing was launched"
+def _old_runner_run(root, variant, seed, rewards, wall_s=60.0):
+	overrides = ["task=cartpole-balance", f"seed={seed}", "steps=1000", "eval_freq=500", f"exp_name={variant}",
+				 *variants.COMMON, *variants.VARIANTS[variant]]
+	d = root / "cartpole-balance" / variant
+	d.mkdir(parents=True, exist_ok=True)
+	(d / f"seed{seed}.csv").write_text("step,reward,seed\n" + "".join(
+		f"{s},{r:.1f},{seed}\n" for s, r in zip((0, 500, 1000), rewards)))
+	(d / f"seed{seed}.json").write_text(json.dumps(dict(
+		command="python -m tdmpc2_moe train --tdmpc2 /x " + " ".join(overrides), overrides=overrides,
+		wall_s=wall_s, rss=[[2.0, -1, 300.0]])))
+	return d
 
 
-def test_report_plot_and_table(tmp_path):
-	for seed, rewards in ((1, (100.0, 300.0, 500.0)), (2, (200.0, 500.0, 700.0))):
-		for variant, scale in (("plain", 1.0), ("moe", 0.5)):
-			run = learning.Run(tmp_path, "cartpole-balance", variant, seed, 1000, 500, "/x")
-			learning.write_results(run.csv, [(0, rewards[0] * scale), (500, rewards[1] * scale),
-											  (1000, rewards[2] * scale)], seed)
-			run.meta.write_text(json.dumps(dict(overrides=run.overrides(), wall_s=120.0, rss_growth_mb=3.0)))
-	learning.write_results(tmp_path / "results" / "cartpole-balance" / "moe" / "seed3.partial.csv", [(0, 1.0)], 3)
-	text = report.report(tmp_path, at=[500, 1000])
-	assert (tmp_path / "learning.png").stat().st_size > 1000
-	rows = {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| cartpole")}
-	assert "| 400 (300 / 500) | 600 (500 / 700) |" in rows["plain"]
-	assert "| 200 (150 / 250) | 300 (250 / 350) |" in rows["moe"]
-	assert "| 2 / 2 | +3 / +3 |" in rows["plain"]
-	assert "| cartpole-balance | moe, unfinished (to step 0) | 3 |" in text
+def test_migrate_moves_old_runner_results_into_the_layout_compare_reads(tmp_path):
+	_old_runner_run(tmp_path, "plain", 1, (10.0, 20.0, 30.0))
+	moe = _old_runner_run(tmp_path, "moe", 1, (5.0, 15.0, 45.0), wall_s=120.0)
+	(moe / "seed1.routing.png").write_bytes(b"\x89PNG")
+	(moe / "seed1.routing.md").write_text("| update |\n")
+	(moe / "seed2.partial.csv").write_text("step,reward,seed\n0,1.0,2\n")
+	done, left = migrate.migrate(tmp_path)
+	assert [p.relative_to(tmp_path).as_posix() for p in done] == ["cartpole-balance/1/moe", "cartpole-balance/1/plain"]
+	assert left == [moe / "seed2.partial.csv"]
+	assert not (tmp_path / "cartpole-balance" / "plain").exists(), "the old files are gone"
+	new = tmp_path / "cartpole-balance" / "1" / "moe"
+	assert (new / "eval.csv").read_text() == "step,episode_reward\n0,5.0\n500,15.0\n1000,45.0\n"
+	assert (new / "routing_over_training.png").read_bytes() == b"\x89PNG" and (new / "routing_over_training.md").is_file()
+	info = json.loads((new / "run.json").read_text())
+	assert (info["status"], info["wall_s"], info["steps"], info["rss"]) == ("finished", 120.0, 1000, [[2.0, -1, 300.0]])
+	runs, skipped = compare.read_runs([tmp_path])
+	assert not skipped and {(r["config"]["exp_name"], r["evals"][-1]) for r in runs} == {("plain", (1000.0, 30.0)),
+																						  ("moe", (1000.0, 45.0))}
+	assert runs[0]["config"]["use_moe"] is True and runs[0]["config"]["moe_experts"] == 4
+
+
+def test_migrate_refuses_a_run_that_did_not_reach_its_steps(tmp_path):
+	d = _old_runner_run(tmp_path, "plain", 1, (10.0, 20.0, 30.0))
+	(d / "seed1.csv").write_text("step,reward,seed\n0,10.0,1\n500,20.0,1\n")
+	with pytest.raises(ValueError, match="ends at step 500, the run's steps are 1000"):
+		migrate.migrate(tmp_path)
+
+
+def test_measure_table_against_plain():
+	found = {"walker-stand": {
+		"plain": dict(ms_per_update=50.0, ms_per_act=20.0, wall_ms_per_update=55.0, wall_ms_per_act=21.0, backend="cpu"),
+		"moe": dict(ms_per_update=80.0, ms_per_act=50.0, wall_ms_per_update=90.0, wall_ms_per_act=52.0, backend="cpu"),
+		"fork": dict(skipped="this tdmpc2_moe does not know moe_preset=fork yet")}}
+	rows = measure.table(found).splitlines()
+	assert rows[2] == "| walker-stand | plain | 50.0 | 1.00x | 20.0 | 1.00x | 55.0 | 21.0 | cpu |"
+	assert rows[3] == "| walker-stand | moe | 80.0 | 1.60x | 50.0 | 2.50x | 90.0 | 52.0 | cpu |"
+	assert rows[4].startswith("| walker-stand | fork | skipped: this tdmpc2_moe does not know moe_preset=fork")
+
+
+def test_no_import_circle_among_the_benchmark_scripts():
+	benchmarks = LEARNING.parent
+	for directory in {p.parent for p in benchmarks.rglob("*.py")}:
+		local = {p.stem for p in directory.glob("*.py")}
+		graph = {}
+		for p in directory.glob("*.py"):
+			names = set()
+			for node in ast.walk(ast.parse(p.read_text())):
+				if isinstance(node, ast.Import):
+					names |= {a.name.split(".")[0] for a in node.names}
+				elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+					names.add(node.module.split(".")[0])
+			graph[p.stem] = names & local - {p.stem}
+
+		def reaches(start, goal, seen=()):
+			return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+		assert not [m for m in graph if reaches(m, m)], f"import circle in {directory}: {graph}"
 
 
 def test_windows_match_upstreams_batch_layout():
@@ -135,43 +240,29 @@ def test_windows_match_upstreams_batch_layout():
 # ---- with a TD-MPC2 checkout ----
 
 @pytest.mark.slow
-def test_tiny_training_run_then_resume(tdmpc2_root, tmp_path):
-	run = learning.Run(tmp_path, "cartpole-balance", "plain", 1, 500, 500, tdmpc2_root, TINY)
-	lines = []
-	status = learning.run_all([run], jobs=1, poll_s=5.0, echo=lines.append)
-	assert status == {run.name: "done"}, run.log_tail(20)
-	rows = learning.read_results(run.csv)
-	assert [s for s, _, _ in rows] == [0, 500] and all(seed == 1 for _, _, seed in rows)
-	assert all(0.0 <= r <= 1000.0 for _, r, _ in rows)
-	meta = json.loads(run.meta.read_text())
-	assert meta["overrides"] == run.overrides() and meta["wall_s"] > 0 and meta["rss"]
-	assert any(line.startswith(f"[{run.name}] started:") for line in lines)
-	stamp = run.csv.stat().st_mtime_ns
-	again = learning.run_all([learning.Run(tmp_path, "cartpole-balance", "plain", 1, 500, 500, tdmpc2_root, TINY)],
-							 jobs=1, poll_s=5.0, echo=lines.append)
-	assert again == {run.name: "complete"} and run.csv.stat().st_mtime_ns == stamp
+def test_sweep_script_end_to_end_on_a_tiny_budget(tdmpc2_root, tmp_path):
+	# The real tdmpc2-moe: the plain variant's sweep with the budget cut down through EXTRA (a later
+	# override wins), then compare over what it wrote.
+	tiny = "steps=500 seed_steps=500 eval_freq=500 batch_size=4 mpc=false monitor_mem_interval=0"
+	command = Path(sys.executable).with_name("tdmpc2-moe")
+	assert command.is_file(), f"{command}: the installed command"
+	env = dict(os.environ, TDMPC2_ROOT=str(tdmpc2_root), TDMPC2_MOE=str(command), TASKS="cartpole-balance", SEEDS="1",
+			   EXTRA=tiny, LAUNCHER="hydra/launcher=joblib hydra.launcher.n_jobs=1")
+	done = subprocess.run(["bash", str(LEARNING / "sweep.sh"), "plain"], cwd=tmp_path, capture_output=True, text=True,
+						  env=env, timeout=600)
+	assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+	assert "tdmpc2-moe sweep: 1 of 1 jobs finished" in done.stdout
+	assert "finished, return" in done.stderr, "the job's progress line"
+	with open(tmp_path / "logs" / "cartpole-balance" / "1" / "plain" / "eval.csv") as f:
+		assert [float(r["step"]) for r in csv.DictReader(f)] == [0.0, 500.0]
+	assert "| exp_name=plain | 1 |" in (tmp_path / "compare" / "compare.md").read_text()
+	assert (tmp_path / "compare" / "cartpole-balance.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
-def test_tiny_moe_run_saves_its_routing_over_training(tdmpc2_root, tmp_path):
-	# 500 pretraining updates with snapshots every GATE_SNAPSHOT_EVERY (250): snapshots at updates 250 and 500.
-	run = learning.Run(tmp_path, "cartpole-balance", "moe", 1, 500, 500, tdmpc2_root, TINY)
-	status = learning.run_all([run], jobs=1, poll_s=5.0, echo=lambda line: None)
-	assert status == {run.name: "done"}, run.log_tail(20)
-	table = run.routing_png.with_suffix(".md").read_text().splitlines()
-	assert run.routing_png.stat().st_size > 10_000
-	updates = sorted({int(line.split("|")[1]) for line in table[2:]})
-	assert updates == [250, 500], table
-	assert {line.split("|")[2].strip() for line in table[2:]} == {"dynamics", "reward", "pi"}
-	assert learning.Run(tmp_path, "cartpole-balance", "plain", 1, 500, 500, tdmpc2_root, TINY).save_routing() is None
-
-
-def test_unknown_setting_skips_the_variant(tdmpc2_root, tmp_path, monkeypatch):
-	monkeypatch.setitem(learning.VARIANTS, "future", ["moe_not_yet_a_setting=1", "use_moe=true"])
-	runs = [learning.Run(tmp_path, "cartpole-balance", "future", seed, 500, 500, tdmpc2_root, TINY) for seed in (1, 2)]
-	status = learning.run_all(runs, jobs=1, poll_s=1.0, echo=lambda line: None)
-	assert all(s.startswith("skipped: this tdmpc2_moe does not know moe_not_yet_a_setting=1") for s in status.values())
-	assert not runs[0].csv.exists() and not runs[1].work.exists(), "the second seed is not launched"
+def test_measure_times_a_variant_with_the_runs_settings(tdmpc2_root):
+	m = measure.measure("cartpole-balance", "matched", tdmpc2_root, updates=2, acts=3, warmup=1)
+	assert m["updates"] == 2 and m["acts"] == 3 and m["backend"] in ("cpu", "cuda", "reference")
+	assert all(m[k] > 0 for k in ("ms_per_update", "ms_per_act", "wall_ms_per_update", "wall_ms_per_act"))
 
 
 def test_world_model_fit_tiny(tdmpc2_root, tmp_path, unpatched):

@@ -3,7 +3,7 @@ Multitask world-model fit on real transitions: where MoE is supposed to help (MO
 interference between tasks). Real transitions of several DMC tasks of upstream's mt30 set are recorded
 through upstream's own environments (`wm_fit.record`: seeded uniformly random actions; cached under
 `work/`, not committed), put in upstream's multitask layout (observations zero-padded to mt30's 24,
-actions to its 6, the task's mt30 index), and each variant (`learning.VARIANTS` on a `task=mt30` agent)
+actions to its 6, the task's mt30 index), and each variant (`variants.VARIANTS` on a `task=mt30` agent)
 trains on the same batches in the same order, each update being upstream's own `TDMPC2._update`
 (multitask: action masks, task embedding). Held-out losses (upstream's consistency, reward and value
 losses on windows of episodes no variant trains on) per task and overall, per model seed; ms per update
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wm_fit  # noqa: E402
-from learning import VARIANTS  # noqa: E402
+from variants import VARIANTS  # noqa: E402
 
 from tdmpc2_moe import patching, upstream  # noqa: E402
 

@@ -1,7 +1,7 @@
 """
 World-model fit benchmark: the fast, deterministic companion to the learning runs. Real transitions
 of a DMC task are recorded once (upstream's `make_env`, uniformly random actions from a seeded
-generator) and cached; then plain TD-MPC2 and each MoE variant (`learning.VARIANTS`) train on the
+generator) and cached; then plain TD-MPC2 and each MoE variant (`variants.VARIANTS`) train on the
 same batches, in the same order, for the same number of updates, each update being upstream's own
 `TDMPC2._update` (consistency, reward and value losses, policy step, target update) through the
 patched agent. Held-out losses are upstream's three losses computed on windows of episodes the
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learning import VARIANTS  # noqa: E402
+from variants import VARIANTS  # noqa: E402
 
 from tdmpc2_moe import patching, upstream  # noqa: E402
 
