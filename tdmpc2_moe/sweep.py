@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import upstream
+from . import training, upstream
 from .config_keys import config_defaults
 
 JOB_FILE = "tdmpc2_moe_job.json"
@@ -106,7 +106,6 @@ def job(cfg):
 	"""The task function of every sweep job (runs in the job's process): trains with the patch, records how it went."""
 	from hydra.core.hydra_config import HydraConfig
 	from omegaconf import OmegaConf, open_dict
-	from .cli import train as training
 	hc = HydraConfig.get()
 	overrides = list(hc.overrides.task)
 	record = dict(num=hc.job.num, overrides=overrides, status="failed", error=None)
@@ -135,7 +134,6 @@ def job(cfg):
 def check(jobs, path):
 	"""Composes every job's config and checks its settings; raises SweepError naming the job."""
 	from hydra.errors import HydraException
-	from .cli import train as training
 	for overrides in jobs:
 		try:
 			training.prepare(overrides, path)

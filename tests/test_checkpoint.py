@@ -208,11 +208,11 @@ def test_buffer_restores_into_a_longer_run_unless_it_wrapped(walker_cfg, make_bu
 
 
 def test_train_command_checks_the_checkpoint_keys(tdmpc2_root, capsys):
-	from tdmpc2_moe.cli import train as training
+	from tdmpc2_moe.cli import train as train_command
 	root = ["--tdmpc2", str(tdmpc2_root)]
-	assert training.main([*root, "task=mt30", "checkpoint_interval=1000"]) == 2
+	assert train_command.main([*root, "task=mt30", "checkpoint_interval=1000"]) == 2
 	assert "offline multitask" in capsys.readouterr().err
 	for bad, key in (("checkpoint_interval=-1", "checkpoint_interval"), ("resume=maybe", "resume"),
 					 ("checkpoint_buffer=1", "checkpoint_buffer")):
-		assert training.main([*root, bad]) == 2
+		assert train_command.main([*root, bad]) == 2
 		assert key in capsys.readouterr().err

@@ -250,8 +250,8 @@ def test_train_command_runs_upstream_trainer_on_cpu(tdmpc2_root, tmp_path):
 
 
 def test_train_command_rejects_bad_settings(tdmpc2_root, capsys):
-	from tdmpc2_moe.cli import train as training
-	assert training.main(["--tdmpc2", str(tdmpc2_root), "use_moe=true", "moe_heads=[Qs]"]) == 2
+	from tdmpc2_moe.cli import train as train_command
+	assert train_command.main(["--tdmpc2", str(tdmpc2_root), "use_moe=true", "moe_heads=[Qs]"]) == 2
 	assert "moe_heads" in capsys.readouterr().err
-	assert training.main(["--tdmpc2", str(tdmpc2_root), "no_such_key=1"]) == 2
+	assert train_command.main(["--tdmpc2", str(tdmpc2_root), "no_such_key=1"]) == 2
 	assert not patching.is_patched()
