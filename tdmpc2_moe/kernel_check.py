@@ -129,7 +129,9 @@ def _check_orthonormalize(case, device, g):
 	grad = torch.randn(e, n, d, generator=g).to(device)
 	leaf = x.clone().requires_grad_(True)
 	with torch.enable_grad():
-		want, = torch.autograd.grad(orthonormalize_reference(leaf, ORTHONORMALIZE_EPS), leaf, grad)
+		# The gradient of <output, grad>, a scalar: torch.autograd.grad with an explicit output gradient
+		# would import sympy on its first call in a process (~0.25 s), which an inference-only run never needs.
+		want, = torch.autograd.grad((orthonormalize_reference(leaf, ORTHONORMALIZE_EPS) * grad).sum(), leaf)
 	got = torch.ops.tdmpc2_moe.orthonormalize_backward(grad, x, ORTHONORMALIZE_EPS)
 	_compare("orthonormalize_backward", name, "grad_features", got, want)
 
