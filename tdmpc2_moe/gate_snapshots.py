@@ -37,10 +37,11 @@ def snapshot_arrays(blocks, step):
 	arrays = {"step": np.int64(step), "heads": np.array(list(blocks))}
 	for head, block in blocks.items():
 		ring = block.history.snapshot()  # the one host copy; its statistics are computed there, off the device
+		stats = summarize(ring)
 		for key in ("usage", "mean_weight", "entropy", "rows"):
-			arrays[f"{head}/{key}"] = np.asarray(summarize(ring)[key])
+			arrays[f"{head}/{key}"] = np.asarray(stats[key])
 		arrays[f"{head}/weights"] = ring[-SNAPSHOT_ROWS:].numpy()
-		arrays[f"{head}/temperature"] = np.float64(block.stats()["temperature"].item())
+		arrays[f"{head}/temperature"] = np.float64(block.router.temperature.item())
 	return arrays
 
 
