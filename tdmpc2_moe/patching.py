@@ -15,6 +15,10 @@ What `patch()` changes in an unmodified TD-MPC2 checkout, and nothing else.
   gate snapshots, outside the compiled region), `save` / `load` (MoE settings next to the weights), and the new
   `clear_gate_history()` / `gate_stats()`.
 - `RunningScale.__init__`, `Buffer.__init__` / `Buffer._init`: run on `device` (see device.torch_on).
+- `OnlineTrainer.__init__`: seeds the environment's action space with `cfg.seed`. Upstream's
+  `set_seed` seeds python, numpy and torch but not gymnasium's action space, whose `sample()` (the
+  seed phase's random actions) then draws from OS entropy: the one source that made two runs of the
+  same command differ (docs/long_runs.md "Reproducible runs").
 
 Modules not imported yet are patched as they are imported (the import hook of `_hooks.py`), so `patch()`
 may come before or after `import tdmpc2`. `unpatch()` puts every original object back.
@@ -186,6 +190,14 @@ def _method_on_device(original, module):
 	return method
 
 
+def _trainer_init(original):
+	@functools.wraps(original)
+	def __init__(self, *args, **kwargs):
+		original(self, *args, **kwargs)
+		self.env.action_space.seed(int(self.cfg.seed))
+	return __init__
+
+
 _state = {"patched": False, "keywords": {}, "log": _hooks.SetattrLog(), "hook": None}
 
 
@@ -233,8 +245,15 @@ def _patch_agent(module):
 	_set(cls, "gate_stats", gate_stats)
 
 
+def _patch_online_trainer(module):
+	cls = getattr(module, "OnlineTrainer", None)
+	if isinstance(cls, type):
+		_set(cls, "__init__", _trainer_init(cls.__init__))
+
+
 _PATCHERS = {"common.layers": _patch_layers, "common.world_model": _patch_world_model,
-			 "common.scale": _patch_scale, "common.buffer": _patch_buffer, "tdmpc2": _patch_agent}
+			 "common.scale": _patch_scale, "common.buffer": _patch_buffer, "tdmpc2": _patch_agent,
+			 "trainer.online_trainer": _patch_online_trainer}
 
 
 def patch(**settings):

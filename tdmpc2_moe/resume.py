@@ -92,13 +92,12 @@ def run_online(trainer, interval, with_buffer=False, resume=False):
 	"""
 	Trains an upstream OnlineTrainer like its `train()`, writing checkpoints every `interval` steps
 	(at episode ends) and, with `resume`, continuing from the run's checkpoint when there is one.
-	Two differences from upstream, both only where upstream cannot go: updates wait for the buffer's
-	first episode (upstream needs seed_steps >= one episode, and a buffer not kept in the checkpoint
-	restarts empty), and the action space is seeded with cfg.seed (upstream leaves it unseeded, so its
-	seed-phase random actions differ from run to run and a run could not be reproduced).
+	One difference from upstream, only where upstream cannot go: updates wait for the buffer's first
+	episode (upstream needs seed_steps >= one episode, and a buffer not kept in the checkpoint restarts
+	empty). The action space is seeded where the patched OnlineTrainer is built (patching.py), for
+	this loop and upstream's alike.
 	"""
 	cfg, env, agent, buffer, logger = trainer.cfg, trainer.env, trainer.agent, trainer.buffer, trainer.logger
-	env.action_space.seed(cfg.seed)
 	ckpt = Checkpointer(trainer, interval, with_buffer)
 	# True while the loop stands at the checkpoint's episode end: evaluated, logged and stored already.
 	at_checkpoint = resume and ckpt.resume()

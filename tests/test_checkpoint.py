@@ -180,8 +180,7 @@ def test_run_online_is_upstreams_loop(walker_cfg, tmp_path):
 		trainer = _trainer(walker_cfg, tmp_path / name, "steps=1100", "eval_freq=500")
 		recorder = _Recorder(trainer)
 		if name == "upstream":
-			trainer.env.action_space.seed(trainer.cfg.seed)
-			OnlineTrainer.train(trainer)
+			OnlineTrainer.train(trainer)  # the patched OnlineTrainer seeded the action space, as for run_online
 		else:
 			resume.run_online(trainer, interval=500, with_buffer=True)
 		runs.append((recorder.calls, checkpoint.buffer_state(trainer.buffer), torch.rand(4), trainer._step))

@@ -258,7 +258,11 @@ def test_state_dicts_saved_before_the_router_experts_split_still_load():
 		block.load_state_dict(case["state"])
 		block.eval()
 		with torch.no_grad():
-			torch.testing.assert_close(block(case["x"]), case["y"], rtol=0, atol=0)
+			# The outputs were saved on another CPU. The parameters above are bit-equal on any machine (the
+			# same seed, the same draws), but the forward's matmuls take the vector width and blocking of the
+			# CPU at hand (MKL / oneDNN paths): 7.9e-9 apart between an AVX-512 Xeon and an AMD EPYC.
+			# Bit-exact holds within one machine and thread count (tests/test_reproducible.py), not across.
+			torch.testing.assert_close(block(case["x"]), case["y"], rtol=1e-6, atol=1e-6)
 
 
 def test_no_history_with_none_or_zero_rows():

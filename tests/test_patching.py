@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -59,12 +60,14 @@ def _patchable(tdmpc2_root):
 	from common.scale import RunningScale
 	from common.world_model import WorldModel
 	from tdmpc2 import TDMPC2
+	from trainer.online_trainer import OnlineTrainer
 	return {
 		(layers, "mlp"): layers.mlp, (WorldModel, "__init__"): WorldModel.__init__,
 		(WorldModel, "soft_update_target_Q"): WorldModel.soft_update_target_Q,
 		(RunningScale, "__init__"): RunningScale.__init__, (Buffer, "__init__"): Buffer.__init__,
 		(Buffer, "_init"): Buffer._init, (TDMPC2, "__init__"): TDMPC2.__init__, (TDMPC2, "_update"): TDMPC2._update,
 		(TDMPC2, "update"): TDMPC2.update, (TDMPC2, "save"): TDMPC2.save, (TDMPC2, "load"): TDMPC2.load,
+		(OnlineTrainer, "__init__"): OnlineTrainer.__init__,
 	}
 
 
@@ -139,3 +142,36 @@ def test_patch_before_upstream_import_patches_on_import(tdmpc2_root):
 	env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
 	out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 	assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+class _ActionSpaceEnv:
+	"""Just what OnlineTrainer.__init__ and rand_act touch: a gymnasium action space."""
+
+	def __init__(self):
+		import gymnasium as gym
+		self.action_space = gym.spaces.Box(-1.0, 1.0, (6,))
+
+	def rand_act(self):
+		return torch.from_numpy(self.action_space.sample())
+
+
+def _seed_phase_actions(cfg, trainer_init):
+	from trainer.online_trainer import OnlineTrainer
+	trainer = OnlineTrainer.__new__(OnlineTrainer)
+	agent = types.SimpleNamespace(model="(no model: the trainer only prints it)")
+	trainer_init(trainer, cfg=cfg, env=_ActionSpaceEnv(), agent=agent, buffer=None, logger=None)
+	return torch.stack([trainer.env.rand_act() for _ in range(5)])
+
+
+def test_online_trainer_seeds_the_action_space_with_the_runs_seed(walker_cfg):
+	# The cause of two identical runs differing (docs/long_runs.md "Reproducible runs"): upstream's set_seed
+	# leaves gymnasium's action space unseeded, so the seed phase's random actions came from OS entropy.
+	from trainer.online_trainer import OnlineTrainer
+	cfg, other = walker_cfg("seed=3"), walker_cfg("seed=4")
+	first = _seed_phase_actions(cfg, OnlineTrainer.__init__)
+	assert torch.equal(first, _seed_phase_actions(cfg, OnlineTrainer.__init__))
+	assert not torch.equal(first, _seed_phase_actions(other, OnlineTrainer.__init__))
+	# Negative control: upstream's own constructor gives other actions each time.
+	upstream_init = patching.original_of(OnlineTrainer, "__init__")
+	assert upstream_init is not OnlineTrainer.__init__
+	assert not torch.equal(_seed_phase_actions(cfg, upstream_init), _seed_phase_actions(cfg, upstream_init))
