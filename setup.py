@@ -4,7 +4,7 @@ Builds tdmpc2_moe. Two ways, both from `pip install`:
   (CppExtension on a CPU-only torch, CUDAExtension when torch has CUDA and nvcc is found;
   TDMPC2_MOE_CUDA=0/1 forces the choice).
 - `pip install .` (build isolation: no torch in pip's build environment): nothing is compiled; the
-  package carries csrc/ as `_csrc/` and compiles it on first import (see tdmpc2_moe/_extension.py).
+  package carries csrc/ as `_csrc/` and compiles it on first import (see tdmpc2_moe/ops/_extension.py).
 Either way the sources ship inside the package, so an installed copy can rebuild itself if the
 prebuilt `_C` does not load against the torch it meets.
 """
@@ -16,7 +16,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("tdmpc2_moe_extension", ROOT / "tdmpc2_moe" / "_extension.py")
+_spec = importlib.util.spec_from_file_location("tdmpc2_moe_extension", ROOT / "tdmpc2_moe" / "ops" / "_extension.py")
 extension = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(extension)
 

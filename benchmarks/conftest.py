@@ -12,7 +12,7 @@ def pytest_configure(config):
 	# Collecting times nothing (scripts/gpu_check.sh --dry-run collects before any build).
 	if config.option.collectonly or tdmpc2_moe.backend() != "reference":
 		return
-	from tdmpc2_moe import ops
+	from tdmpc2_moe.ops import operators as ops
 	pytest.exit(
 		f"tdmpc2_moe.backend() is 'reference' ({ops.backend_reason()}; imported from "
 		f"{tdmpc2_moe.__file__}): these benchmarks would time the reference as 'fused'. Install the package "

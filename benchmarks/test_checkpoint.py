@@ -18,7 +18,8 @@ import types
 import pytest
 import torch
 
-from tdmpc2_moe import checkpoint, patching, resume, upstream
+from tdmpc2_moe.runs import checkpoint, resume
+from tdmpc2_moe.upstream import checkout, patching
 
 # Recommended checkpoint_interval (docs/long_runs.md): a checkpoint every 10,000 steps costs well
 # under 1% of the updates between two of them, and a crash loses at most 10,000 steps.
@@ -31,11 +32,11 @@ ROUNDS = int(os.environ.get("CHECKPOINT_BENCH_ROUNDS", "5"))
 @pytest.fixture(scope="module")
 def agent():
 	"""Returns a patched model_size=1 MoE agent after 10 updates (Adam moments filled), and its config."""
-	if not os.environ.get(upstream.ENV_VAR):
-		pytest.skip(f"set {upstream.ENV_VAR} to a TD-MPC2 checkout at commit {upstream.PINNED_COMMIT}")
-	upstream.activate()
+	if not os.environ.get(checkout.ENV_VAR):
+		pytest.skip(f"set {checkout.ENV_VAR} to a TD-MPC2 checkout at commit {checkout.PINNED_COMMIT}")
+	checkout.activate()
 	patching.patch()
-	cfg = upstream.load_cfg(CFG + ["steps=1000000"])
+	cfg = checkout.load_cfg(CFG + ["steps=1000000"])
 	cfg.obs_shape, cfg.action_dim, cfg.episode_length, cfg.seed_steps = {"state": (24,)}, 6, 500, 500
 	from tdmpc2 import TDMPC2
 	torch.manual_seed(0)

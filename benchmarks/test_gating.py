@@ -15,7 +15,7 @@ import torch
 
 from bench_device import DEVICE, synced
 from tdmpc2_moe import GateHistory, topk_gate
-from tdmpc2_moe.reference import topk_gate_reference
+from tdmpc2_moe.ops.reference import topk_gate_reference
 
 SHAPES = [(n, e, k) for n in (256, 512, 1536, 8192) for e in (4, 8, 16, 64) for k in (1, 2)]
 # Every graph below is a recompilation of the same code object (the reference), one per shape and mode;

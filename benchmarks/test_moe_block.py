@@ -33,9 +33,9 @@ import pytest
 import torch
 
 from bench_device import DEVICE, synced
-from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock, SimNorm, plain_mlp
-from tdmpc2_moe.dispatch import choose, group_by_expert, run_padded
-from tdmpc2_moe.moe import MoEBlock
+from tdmpc2_moe.block.baselines import LeakyForkMoEBlock, LeakyMoEBlock, SimNorm, plain_mlp
+from tdmpc2_moe.block.dispatch import choose, group_by_expert, run_padded
+from tdmpc2_moe.block.moe import MoEBlock
 
 ACTION_DIM = 6
 LATENT = {384: 128, 512: 512}

@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 
-from tdmpc2_moe.moe import MoEBlock
-from tdmpc2_moe.ops import backend, orthonormalize
-from tdmpc2_moe.reference import orthonormalize_reference
+from tdmpc2_moe.block.moe import MoEBlock
+from tdmpc2_moe.ops.operators import backend, orthonormalize
+from tdmpc2_moe.ops.reference import orthonormalize_reference
 
 ROWS = [256, 768, 8192]
 EXPERTS = [4, 8]

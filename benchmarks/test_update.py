@@ -26,9 +26,9 @@ import pytest
 import torch
 
 from bench_device import DEVICE, synced
-from tdmpc2_moe import patching, upstream
-from tdmpc2_moe.baselines import LeakyForkMoEBlock, LeakyMoEBlock
-from tdmpc2_moe.moe import MoEBlock
+from tdmpc2_moe.upstream import checkout, patching
+from tdmpc2_moe.block.baselines import LeakyForkMoEBlock, LeakyMoEBlock
+from tdmpc2_moe.block.moe import MoEBlock
 
 ROUNDS = int(os.environ.get("UPDATE_BENCH_ROUNDS", "200"))
 ACT_ROUNDS = int(os.environ.get("ACT_BENCH_ROUNDS", "5"))
@@ -86,9 +86,9 @@ def _resident_mb():
 
 @pytest.fixture(scope="module")
 def root():
-	if not os.environ.get(upstream.ENV_VAR):
-		pytest.skip(f"set {upstream.ENV_VAR} to a TD-MPC2 checkout at commit {upstream.PINNED_COMMIT}")
-	return upstream.activate()
+	if not os.environ.get(checkout.ENV_VAR):
+		pytest.skip(f"set {checkout.ENV_VAR} to a TD-MPC2 checkout at commit {checkout.PINNED_COMMIT}")
+	return checkout.activate()
 
 
 def _buffer(cfg):
@@ -153,7 +153,7 @@ def _agent(variant, monkeypatch):
 	if variant in LEAKY:
 		monkeypatch.setattr(patching, "MoEBlock", LEAKY[variant])
 		monkeypatch.setattr(patching, "moe_blocks", _moe_or_leaky_blocks)
-	cfg = upstream.load_cfg(CFG + VARIANTS[variant])
+	cfg = checkout.load_cfg(CFG + VARIANTS[variant])
 	cfg.obs_shape, cfg.action_dim, cfg.episode_length, cfg.seed_steps = {"state": (24,)}, 6, 500, 500
 	from tdmpc2 import TDMPC2
 	torch.manual_seed(0)

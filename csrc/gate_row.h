@@ -4,11 +4,11 @@
 //     gate_team_backward_row with a CUDA block as the team. Both use every other function here.
 //   CPU: the row-block kernels (cpu/lanes_impl.h) vectorise across 16 rows and use the scalar steps
 //     (gate_exp, gate_key, gate_lse, gate_index, gate_backward_shift, gate_pick_grad) and the ring
-//     slot / write; the test-only op of tests/csrc/gpu_rows_host.cpp runs the CUDA kernels' row functions
+//     slot / write; the test-only op of tests/ops/csrc/gpu_rows_host.cpp runs the CUDA kernels' row functions
 //     above on the host, row by row (a one-thread team for E > 32), so CPU tests reach every function
 //     in this file with the GPU's control flow. The CUDA team's shuffle/shared-memory reductions and the
 //     statistics' reduction across blocks run on the CPU only in the test-only SIMT emulator build of
-//     the .cu files (tests/emulator, docs/gpu.md); device expf (the host uses the polynomial of
+//     the .cu files (tests/ops/emulator, docs/gpu.md); device expf (the host uses the polynomial of
 //     gate_exp) runs only on a GPU.
 //
 // Template parameter EB (thread-per-row functions): a compile-time bound on E (4, 8, 16 or 32) lets the

@@ -106,16 +106,16 @@ step build 240 "$OUT/build.log" "test -f setup.py && ls csrc/cuda/*.cu csrc/cuda
 step backend 30 "$OUT/build.log" "$PY -c 'import tdmpc2_moe'" -- \
 	"$PY" -c "import tdmpc2_moe, sys; b = tdmpc2_moe.backend(); print('backend', b); sys.exit(b != 'cuda')"
 
-# 1b. The kernels' self-check on the GPU (tdmpc2_moe/kernel_check.py): every case against the reference there.
-step self_check 60 "$OUT/build.log" "$PY -c 'import tdmpc2_moe.kernel_check'" -- \
+# 1b. The kernels' self-check on the GPU (tdmpc2_moe/ops/kernel_check.py): every case against the reference there.
+step self_check 60 "$OUT/build.log" "$PY -c 'import tdmpc2_moe.ops.kernel_check'" -- \
 	"$PY" -c "import tdmpc2_moe; print(tdmpc2_moe.self_check('cuda'))"
 
 # 2. Tests: the op / history / row-path / CUDA-only suites (cuda variants run here) and the nvcc check.
-TESTS="test_ops.py test_history.py test_gpu_row_path.py test_cuda.py test_moe_block.py test_nvcc.py test_self_check.py"
+TESTS="ops/test_ops.py block/test_history.py ops/test_gpu_row_path.py ops/test_cuda.py block/test_moe_block.py ops/test_nvcc.py ops/test_self_check.py"
 step tests 150 "$OUT/tests.log" "cd tests && $PY -m pytest -q -m \"\" --collect-only -p no:cacheprovider $TESTS | tail -1" -- \
 	bash -c "cd tests && $PY -m pytest -q -rs -m \"\" -p no:cacheprovider $TESTS"
-step cuda_graph 60 "$OUT/tests.log" "cd tests && $PY -m pytest -q -m \"\" --collect-only -p no:cacheprovider test_cuda.py -k graph | grep -c graph" -- \
-	bash -c "cd tests && $PY -m pytest -q -rs -m \"\" -p no:cacheprovider test_cuda.py -k 'graph or stream or compile'"
+step cuda_graph 60 "$OUT/tests.log" "cd tests && $PY -m pytest -q -m \"\" --collect-only -p no:cacheprovider ops/test_cuda.py -k graph | grep -c graph" -- \
+	bash -c "cd tests && $PY -m pytest -q -rs -m \"\" -p no:cacheprovider ops/test_cuda.py -k 'graph or stream or compile'"
 
 # 3. compute-sanitizer on the small workload (the caching allocator off, so out-of-bounds accesses are
 # not hidden inside a larger cached block).

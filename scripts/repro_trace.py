@@ -2,7 +2,7 @@
 Where do two runs of the same training command part? A bisection tool for seeded reproducibility
 (issue 29, docs/long_runs.md "Reproducible runs").
 
-`run` trains exactly as `tdmpc2-moe train` does (tdmpc2_moe.training: upstream's train.py with the
+`run` trains exactly as `tdmpc2-moe train` does (tdmpc2_moe.runs.training: upstream's train.py with the
 patch) and records, in the order they happen, a digest (SHA-256 of the bytes) of what each stage
 produced: every environment reset and step, every seed-phase random action, every episode added to
 the buffer, every sampled batch, the torch and NumPy RNG states and the losses of every update, the
@@ -153,7 +153,8 @@ def install(trace):
 
 def run(args):
 	"""Trains once, as `tdmpc2-moe train`, and writes the trace to `args.out`."""
-	from tdmpc2_moe import backend, training
+	from tdmpc2_moe import backend
+	from tdmpc2_moe.runs import training
 	cfg, settings, seed_steps = training.prepare(args.overrides, args.tdmpc2)
 	trace = Trace()
 	install(trace)

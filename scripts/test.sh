@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up the venv and runs the test suite. Integration tests use the TD-MPC2 checkout named by
 # TDMPC2_ROOT (or ~/tdmpc2 when it exists), the fork's tests the checkout named by FORK_ROOT (or
-# ~/fork), the CUDA kernels on the SIMT emulator (tests/test_cuda_emulated.py) the HIP-CPU checkout
+# ~/fork), the CUDA kernels on the SIMT emulator (tests/ops/test_cuda_emulated.py) the HIP-CPU checkout
 # named by HIP_CPU_ROOT (or ~/hip-cpu), and are skipped with a reason otherwise. `-m ""` runs the
 # tests marked slow too (the default `pytest` run, the quick loop, skips them: pyproject.toml).
 set -euo pipefail

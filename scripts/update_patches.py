@@ -1,16 +1,16 @@
 """
-Regenerates patches/moe.yaml from the settings record (tdmpc2_moe/settings.py: each key, its config
+Regenerates patches/moe.yaml from the settings record (tdmpc2_moe/settings/record.py: each key, its config
 default and its doc) and patches/config.yaml.diff from it: the keys added to upstream's config.yaml
 (after `save_csv`) at the pinned commit. Run after changing a setting:
     python scripts/update_patches.py /path/to/tdmpc2
-tests/test_patches.py checks that both files are what this writes and that the diff applies.
+tests/settings/test_patches.py checks that both files are what this writes and that the diff applies.
 """
 import difflib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tdmpc2_moe.config_keys import config_yaml  # noqa: E402 (after the path: the source tree's settings)
+from tdmpc2_moe.settings.config_keys import config_yaml  # noqa: E402 (after the path: the source tree's settings)
 
 PATCHES = Path(__file__).resolve().parent.parent / "patches"
 ANCHOR = "save_csv: true\n\n"

@@ -3,11 +3,17 @@ Shared fixtures. Tests that need upstream TD-MPC2 take `tdmpc2_root` and are ski
 reason saying how to provide a checkout, when $TDMPC2_ROOT is not set.
 """
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from tdmpc2_moe import patching, upstream
+from tdmpc2_moe.upstream import checkout, patching
+
+# The test tree, the repository around it, and the committed files tests compare with.
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+DATA = TESTS / "data"
 
 # Walker-walk as upstream's make_env reports it: 24 state dims, 6 action dims, 500-step episodes.
 WALKER = dict(obs_dim=24, action_dim=6, episode_length=500)
@@ -30,10 +36,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tdmpc2_root():
 	"""Returns the TD-MPC2 package directory named by $TDMPC2_ROOT, put on sys.path; skips when absent."""
-	if not os.environ.get(upstream.ENV_VAR):
-		pytest.skip(f"set {upstream.ENV_VAR} to a TD-MPC2 checkout at commit {upstream.PINNED_COMMIT}")
+	if not os.environ.get(checkout.ENV_VAR):
+		pytest.skip(f"set {checkout.ENV_VAR} to a TD-MPC2 checkout at commit {checkout.PINNED_COMMIT}")
 	try:
-		return upstream.activate()
+		return checkout.activate()
 	except FileNotFoundError as exc:
 		pytest.skip(str(exc))
 
@@ -59,7 +65,7 @@ def walker_cfg(tdmpc2_root, unpatched):
 	patching.patch(device="cpu")
 
 	def make(*overrides):
-		cfg = upstream.load_cfg([*SMALL, "device=cpu", *overrides])
+		cfg = checkout.load_cfg([*SMALL, "device=cpu", *overrides])
 		cfg.obs_shape = {"state": (WALKER["obs_dim"],)}
 		cfg.action_dim = WALKER["action_dim"]
 		cfg.episode_length = WALKER["episode_length"]
@@ -122,7 +128,7 @@ def _cuda_skip_reason():
 	"""Returns why the cuda variant of a device-parametrised test cannot run here, or None when it can."""
 	if not torch.cuda.is_available():
 		return "no CUDA device (torch.cuda.is_available() is False); scripts/gpu_check.sh runs these on a GPU"
-	from tdmpc2_moe import ops
+	from tdmpc2_moe.ops import operators as ops
 	if ops.backend() != "cuda":
 		return f"tdmpc2_moe._C has no CUDA kernels (backend() == {ops.backend()!r}): build with nvcc and a CUDA torch"
 	return None

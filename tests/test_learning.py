@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tdmpc2_moe import compare, sweep
+from conftest import REPO
+from tdmpc2_moe.analysis import compare
+from tdmpc2_moe.runs import sweep
 from tdmpc2_moe.cli import compare as compare_cli
 
-LEARNING = Path(__file__).resolve().parents[1] / "benchmarks" / "learning"
+LEARNING = REPO / "benchmarks" / "learning"
 RESULTS = LEARNING / "results"
 sys.path.insert(0, str(LEARNING))
 import measure  # noqa: E402

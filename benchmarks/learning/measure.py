@@ -34,14 +34,15 @@ def measure(task, variant, tdmpc2, updates=30, acts=100, warmup=5, seed=1):
 	"""
 	import torch
 	from hydra.errors import HydraException
-	from tdmpc2_moe import backend, patching, upstream
+	from tdmpc2_moe import backend
+	from tdmpc2_moe.upstream import checkout, patching
 	os.environ.setdefault("MUJOCO_GL", "egl")
 	threads = torch.get_num_threads()
 	torch.set_num_threads(1)
 	patching.patch()
 	try:
 		try:
-			cfg = upstream.load_cfg([f"task={task}", f"seed={seed}", "steps=100000", *COMMON, *VARIANTS[variant]], tdmpc2)
+			cfg = checkout.load_cfg([f"task={task}", f"seed={seed}", "steps=100000", *COMMON, *VARIANTS[variant]], tdmpc2)
 		except HydraException as exc:
 			return dict(skipped=f"this tdmpc2_moe does not know {VARIANTS[variant][0]} yet ({str(exc).splitlines()[0]})")
 		from envs import make_env

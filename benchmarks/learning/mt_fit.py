@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import wm_fit  # noqa: E402
 from variants import VARIANTS  # noqa: E402
 
-from tdmpc2_moe import patching, upstream  # noqa: E402
+from tdmpc2_moe.upstream import checkout, patching  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # Six DMC tasks of mt30 with different bodies, observation and action sizes.
@@ -43,7 +43,7 @@ def record_multitask(tasks, episodes, steps, seed, tdmpc2, cache_dir):
 	Returns {obs [T, N, steps+1, 24], action [T, N, steps, 6], reward [T, N, steps], index [T] (mt30 task
 	indices), action_dims [T]} for `tasks`, each recorded by `wm_fit.record` and zero-padded to mt30's sizes.
 	"""
-	upstream.activate(tdmpc2)
+	checkout.activate(tdmpc2)
 	from common import TASK_SET
 	mt30 = list(TASK_SET["mt30"])
 	obs, action, reward, dims = [], [], [], []
@@ -79,7 +79,7 @@ def windows(data, episodes, count, horizon, seed):
 def build_agent(variant, data, seed, tdmpc2):
 	"""Returns a patched mt30 agent of `variant` with upstream's real action dims (its make_env), torch seeded first."""
 	patching.patch()
-	cfg = upstream.load_cfg([*COMMON, f"seed={seed}", *VARIANTS[variant]], tdmpc2)
+	cfg = checkout.load_cfg([*COMMON, f"seed={seed}", *VARIANTS[variant]], tdmpc2)
 	cfg.obs_shape, cfg.action_dim = {"state": (MT30_OBS,)}, MT30_ACTION
 	cfg.action_dims, cfg.episode_lengths = list(_mt30_dims(tdmpc2)), [data["action"].shape[2]] * len(cfg.tasks)
 	cfg.episode_length, cfg.seed_steps = data["action"].shape[2], data["action"].shape[2]
@@ -95,7 +95,7 @@ def _mt30_dims(tdmpc2):
 	# Every mt30 task's action size, as upstream's make_multitask_env reports them (30 environments, about 10 s once).
 	if "mt30" not in _DIMS:
 		os.environ.setdefault("MUJOCO_GL", "egl")
-		cfg = upstream.load_cfg(["task=mt30", "model_size=1"], tdmpc2)
+		cfg = checkout.load_cfg(["task=mt30", "model_size=1"], tdmpc2)
 		from envs import make_env
 		make_env(cfg)
 		_DIMS["mt30"] = list(cfg.action_dims)
@@ -132,7 +132,7 @@ def benchmark(tasks=TASKS, episodes=6, held_out_episodes=1, steps=500, updates=3
 	torch.set_num_threads(1)
 	try:
 		data = record_multitask(tasks, episodes, steps, seed, tdmpc2, cache_dir)
-		horizon = upstream.compose(["model_size=1"], tdmpc2).horizon
+		horizon = checkout.compose(["model_size=1"], tdmpc2).horizon
 		test_eps = range(episodes - held_out_episodes, episodes)
 		tests = {}
 		for i, name in enumerate(tasks):
@@ -186,7 +186,7 @@ def table(result):
 
 def main(argv=None):
 	parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-	parser.add_argument("--tdmpc2", default=os.environ.get(upstream.ENV_VAR), help="TD-MPC2 checkout (default $TDMPC2_ROOT)")
+	parser.add_argument("--tdmpc2", default=os.environ.get(checkout.ENV_VAR), help="TD-MPC2 checkout (default $TDMPC2_ROOT)")
 	parser.add_argument("--tasks", nargs="+", default=list(TASKS))
 	parser.add_argument("--episodes", type=int, default=6, help="recorded episodes per task, held-out ones included")
 	parser.add_argument("--steps", type=int, default=500)
@@ -200,7 +200,7 @@ def main(argv=None):
 		print(table(json.loads(Path(args.from_json).read_text())))
 		return 0
 	if not args.tdmpc2:
-		parser.error(f"--tdmpc2 (or ${upstream.ENV_VAR}) must name a TD-MPC2 checkout")
+		parser.error(f"--tdmpc2 (or ${checkout.ENV_VAR}) must name a TD-MPC2 checkout")
 	for name in args.variants:
 		if name not in VARIANTS:
 			parser.error(f"--variants: unknown variant {name!r}; variants are {list(VARIANTS)}")

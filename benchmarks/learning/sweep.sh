@@ -2,7 +2,7 @@
 # The learning benchmark's training runs (benchmarks/learning/README.md): one `tdmpc2-moe train -m`
 # sweep per variant over tasks x seeds, with the settings of the committed results in results/, then
 # `tdmpc2-moe compare` over what the sweeps wrote. Nothing here but the command lines: the sweep
-# (launcher, per-job processes, progress lines, failing jobs, resume) is tdmpc2_moe/sweep.py.
+# (launcher, per-job processes, progress lines, failing jobs, resume) is tdmpc2_moe/runs/sweep.py.
 #
 #   TDMPC2_ROOT=~/tdmpc2 bash benchmarks/learning/sweep.sh [VARIANT ...]
 #

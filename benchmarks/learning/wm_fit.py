@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from variants import VARIANTS  # noqa: E402
 
-from tdmpc2_moe import patching, upstream  # noqa: E402
+from tdmpc2_moe.upstream import checkout, patching  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The agent every variant shares: the learning runs' model (upstream's smallest) and batch size.
@@ -51,8 +51,8 @@ def record(task, episodes, steps, seed, tdmpc2=None, cache=None):
 			return data
 	# As upstream's train.py: dm_control otherwise tries GLFW, which needs a display.
 	os.environ.setdefault("MUJOCO_GL", "egl")
-	upstream.activate(tdmpc2)
-	cfg = upstream.load_cfg([f"task={task}", f"seed={seed}", "model_size=1", "steps=1000"], tdmpc2)
+	checkout.activate(tdmpc2)
+	cfg = checkout.load_cfg([f"task={task}", f"seed={seed}", "model_size=1", "steps=1000"], tdmpc2)
 	from envs import make_env
 	env = make_env(cfg)
 	g = torch.Generator().manual_seed(seed)
@@ -131,7 +131,7 @@ def held_out_losses(agent, batch, seed=0, task=None):
 def build_agent(variant, task, data, seed, tdmpc2=None):
 	"""Returns a patched upstream TDMPC2 agent of `variant` for `data`'s shapes (torch seeded with `seed` first)."""
 	patching.patch()
-	cfg = upstream.load_cfg([f"task={task}", f"seed={seed}", "steps=100000", *COMMON, *VARIANTS[variant]], tdmpc2)
+	cfg = checkout.load_cfg([f"task={task}", f"seed={seed}", "steps=100000", *COMMON, *VARIANTS[variant]], tdmpc2)
 	cfg.obs_shape = {"state": tuple(data["obs"].shape[-1:])}
 	cfg.action_dim = data["action"].shape[-1]
 	cfg.episode_length = data["action"].shape[1]
@@ -187,7 +187,7 @@ def benchmark(task="walker-walk", episodes=12, held_out=2, steps=500, updates=40
 	torch.set_num_threads(1)
 	try:
 		data = record(task, episodes, steps, seed, tdmpc2, cache)
-		horizon = upstream.compose(["model_size=1"], tdmpc2).horizon
+		horizon = checkout.compose(["model_size=1"], tdmpc2).horizon
 		n = data["obs"].shape[0]
 		if not 1 <= held_out < n:
 			raise ValueError(f"held_out must be between 1 and episodes - 1 ({n - 1}), got {held_out}")
@@ -287,7 +287,7 @@ def plot(result, path):
 
 def main(argv=None):
 	parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-	parser.add_argument("--tdmpc2", default=os.environ.get(upstream.ENV_VAR), help="TD-MPC2 checkout (default $TDMPC2_ROOT)")
+	parser.add_argument("--tdmpc2", default=os.environ.get(checkout.ENV_VAR), help="TD-MPC2 checkout (default $TDMPC2_ROOT)")
 	parser.add_argument("--task", default="walker-walk")
 	parser.add_argument("--episodes", type=int, default=12, help="recorded episodes, held-out ones included")
 	parser.add_argument("--held-out", type=int, default=2, help="last episodes kept out of training")
@@ -306,7 +306,7 @@ def main(argv=None):
 		print(table(result))
 		return 0
 	if not args.tdmpc2:
-		parser.error(f"--tdmpc2 (or ${upstream.ENV_VAR}) must name a TD-MPC2 checkout")
+		parser.error(f"--tdmpc2 (or ${checkout.ENV_VAR}) must name a TD-MPC2 checkout")
 	out = Path(args.out)
 	cache = HERE / "work" / f"transitions-{args.task}-{args.episodes}x{args.steps}-seed{args.seed}.pt"
 	result = benchmark(args.task, args.episodes, args.held_out, args.steps, args.updates, args.eval_every,

@@ -2,7 +2,7 @@
 // parameters, the forward's workspace and its layout. One copy for two builds, which differ only in a
 // `Build` policy (below): the CUDA extension (binding.cpp, ortho_binding.cpp: device guard, current
 // stream) and the test build that runs the same kernels on the SIMT emulator with CPU tensors
-// (tests/emulator/emulated_ops.cpp), so that the emulated tests exercise this code as shipped.
+// (tests/ops/emulator/emulated_ops.cpp), so that the emulated tests exercise this code as shipped.
 // Host code, never included by a .cu. It includes no ATen header itself: at::Tensor comes with the
 // argument checks' headers and allocations are Tensor methods, since scripts/check_nvcc.sh keeps torch
 // includes out of csrc/cuda/*.h (the headers the kernels include).

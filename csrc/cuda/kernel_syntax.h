@@ -1,7 +1,7 @@
 // The two pieces of CUDA syntax in the kernels that a plain C++ compiler cannot parse: the <<<...>>>
 // launch and `extern __shared__` (dynamic shared memory). With nvcc these macros are CUDA's own syntax,
 // so the .cu files are the kernels that ship either way; a build that defines the macros first gets its
-// own launch instead (tests/emulator compiles the .cu files for the CPU and runs them on the SIMT
+// own launch instead (tests/ops/emulator compiles the .cu files for the CPU and runs them on the SIMT
 // emulator HIP-CPU, see docs/gpu.md).
 #pragma once
 

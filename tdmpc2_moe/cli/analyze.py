@@ -8,9 +8,9 @@ import argparse
 import os
 import sys
 
-from ..gate_snapshots import write_training_report
-from ..gate_plots import write_report
-from ..gate_stats import check_out_dir, load_tasks, load_weight_stats
+from ..analysis.gate_snapshots import write_training_report
+from ..analysis.gate_plots import write_report
+from ..analysis.gate_stats import check_out_dir, load_tasks, load_weight_stats
 
 
 def main(argv=None):

@@ -1,9 +1,9 @@
-"""`tdmpc2-moe compare DIR [DIR ...] [--out OUT] [--by key ...] [--at STEP ...]`: tables and plots of training runs (tdmpc2_moe/compare.py)."""
+"""`tdmpc2-moe compare DIR [DIR ...] [--out OUT] [--by key ...] [--at STEP ...]`: tables and plots of training runs (tdmpc2_moe/analysis/compare.py)."""
 import argparse
 import sys
 from pathlib import Path
 
-from .. import compare
+from ..analysis import compare
 
 
 def main(argv=None):

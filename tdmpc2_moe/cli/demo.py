@@ -15,9 +15,9 @@ import warnings
 import psutil
 import torch
 
-from ..baselines import LeakyMoEBlock, plain_mlp
-from ..moe import MoEBlock
-from ..monitor import MemoryMonitor
+from ..block.baselines import LeakyMoEBlock, plain_mlp
+from ..block.moe import MoEBlock
+from ..analysis.monitor import MemoryMonitor
 
 IN_DIM, HIDDEN, OUT_DIM = 32, [64, 64], 16
 # MoEBlock runs first: memory an earlier variant freed could otherwise absorb a later variant's growth.

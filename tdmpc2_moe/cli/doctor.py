@@ -5,7 +5,7 @@ Checks, each printed as one line (ok / warn / ERROR) with a fix under every prob
 - versions of torch, tensordict, torchrl, dm-control and mujoco against the known-good set
   (upstream's `Ensemble` breaks with another tensordict: that one is blocking);
 - the operator backend and why it is not "cuda" (a C++ compiler and ninja when it must be built);
-- the kernels' self-check (tdmpc2_moe/kernel_check.py) on every device it finds: the CPU and each GPU;
+- the kernels' self-check (tdmpc2_moe/ops/kernel_check.py) on every device it finds: the CPU and each GPU;
 - the TD-MPC2 checkout: found, and its commit against the pinned one;
 - whether patch() builds a MoE agent in that checkout (on the CPU, a small model);
 - whether MuJoCo can render (only videos need it), in a subprocess with a time limit.
@@ -73,7 +73,7 @@ def check_versions():
 
 def check_backend():
 	"""Returns Findings on the operator backend, why it is not cuda, and the compiler that would build it."""
-	from .. import ops
+	from ..ops import operators as ops
 	backend, reason = ops.backend(), ops.backend_reason()
 	compiler = os.environ.get("CXX", "c++")
 	has_compiler = shutil.which(compiler) is not None
@@ -98,8 +98,8 @@ def check_backend():
 def check_self_check():
 	"""Returns one Finding per device with compiled kernels (the CPU, every CUDA device): the self-check's result there."""
 	import torch
-	from .. import kernel_check, ops
-	from ..backend import BACKEND_ENV
+	from ..ops import kernel_check, operators as ops
+	from ..ops.backend import BACKEND_ENV
 	if ops.backend() == "reference":
 		return [Finding("ok", "self-check: nothing to check (no compiled kernels in use)")]
 	devices = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if ops.backend() == "cuda" else [])
@@ -125,30 +125,30 @@ def _git_commit(root):
 
 def check_checkout(path):
 	"""Returns (Findings, package directory or None) for the TD-MPC2 checkout at `path` ($TDMPC2_ROOT when None)."""
-	from .. import upstream
+	from ..upstream import checkout
 	clone = (f"git clone https://github.com/nicklashansen/tdmpc2 ~/tdmpc2 && git -C ~/tdmpc2 checkout "
-			 f"{upstream.PINNED_COMMIT}; then pass --tdmpc2 ~/tdmpc2 or set {upstream.ENV_VAR}")
+			 f"{checkout.PINNED_COMMIT}; then pass --tdmpc2 ~/tdmpc2 or set {checkout.ENV_VAR}")
 	try:
-		pkg = upstream.locate(path)
+		pkg = checkout.locate(path)
 	except FileNotFoundError as exc:
 		return [Finding("error", f"no TD-MPC2 checkout: {exc}", clone)], None
 	commit = _git_commit(pkg.parent) or _git_commit(pkg)
 	if commit is None:
 		return [Finding("warn", f"TD-MPC2 at {pkg}: not a git checkout, its commit cannot be checked",
-						f"use a git checkout at {upstream.PINNED_COMMIT}")], pkg
-	if commit != upstream.PINNED_COMMIT:
-		return [Finding("warn", f"TD-MPC2 at {pkg} is at commit {commit}, not the pinned {upstream.PINNED_COMMIT}",
-						f"git -C {pkg.parent} checkout {upstream.PINNED_COMMIT}")], pkg
+						f"use a git checkout at {checkout.PINNED_COMMIT}")], pkg
+	if commit != checkout.PINNED_COMMIT:
+		return [Finding("warn", f"TD-MPC2 at {pkg} is at commit {commit}, not the pinned {checkout.PINNED_COMMIT}",
+						f"git -C {pkg.parent} checkout {checkout.PINNED_COMMIT}")], pkg
 	return [Finding("ok", f"TD-MPC2 at {pkg}, pinned commit {commit[:12]}")], pkg
 
 
 def check_patch_builds(pkg):
 	"""Returns a Finding on whether patch() builds a MoE agent (model_size 1, CPU) in checkout `pkg`."""
-	from .. import patching, upstream
-	from ..heads import moe_blocks
+	from ..upstream import patching, checkout
+	from ..upstream.heads import moe_blocks
 	try:
 		patching.patch(device="cpu")
-		cfg = upstream.load_cfg(["task=walker-walk", "model_size=1", "compile=false", "use_moe=true", "device=cpu",
+		cfg = checkout.load_cfg(["task=walker-walk", "model_size=1", "compile=false", "use_moe=true", "device=cpu",
 								 "monitor_mem_interval=0"], pkg)
 		cfg.obs_shape, cfg.action_dim, cfg.episode_length = {"state": (24,)}, 6, 500
 		from tdmpc2 import TDMPC2

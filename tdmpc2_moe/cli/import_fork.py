@@ -7,7 +7,7 @@ e.g. `task=walker-walk model_size=5 steps=3000000`).
 The world model is built on the CPU from upstream's config; its observation and action sizes come
 from the task's environment (upstream's `make_env`), or from the file's shapes when TD-MPC2 cannot
 make that environment here (a single-task run of a suite not installed on this machine). Every
-parameter is mapped (tdmpc2_moe/fork_import.py says how), checked against the model's shape, and
+parameter is mapped (tdmpc2_moe/runs/fork_import.py says how), checked against the model's shape, and
 written in the format the patched agent's `save` writes, so `agent.load(OUT.pt)`, `tdmpc2-moe play
 --checkpoint OUT.pt` and `tdmpc2-moe train ... checkpoint=OUT.pt` take it. The temperatures, which
 the fork does not save, come from the flags (default 1.8, what the fork's own reload gives; its logs
@@ -19,8 +19,8 @@ import sys
 
 import torch
 
-from .. import fork_import
-from ..fork_import import ForkImportError
+from ..runs import fork_import
+from ..runs.fork_import import ForkImportError
 
 
 def _parser():
@@ -80,18 +80,18 @@ def _shape_from_task(cfg, state):
 
 def convert(args):
 	"""Runs the import for parsed `args`; returns the lines to print. Raises ForkImportError for bad input."""
-	from .. import patching, upstream
+	from ..upstream import patching, checkout
 	state = fork_import.read(args.fork_checkpoint)
 	overrides = _overrides(args, state)
 	try:
-		cfg = upstream.load_cfg(overrides, args.tdmpc2)
+		cfg = checkout.load_cfg(overrides, args.tdmpc2)
 	except FileNotFoundError as exc:
 		raise ForkImportError(f"--tdmpc2: {_first_line(exc)}") from None
 	except Exception as exc:  # noqa: BLE001 (Hydra and upstream's parse_cfg raise many kinds)
 		raise ForkImportError(f"cannot compose the TD-MPC2 config with {args.overrides}: {_first_line(exc)}") from None
 	patching.patch(device="cpu")
 	try:
-		from ..settings import MoESettings
+		from ..settings.record import MoESettings
 		settings = MoESettings.resolve(cfg)
 	except ValueError as exc:
 		raise ForkImportError(_first_line(exc)) from None

@@ -26,10 +26,10 @@ import sys
 import numpy as np
 import torch
 
-from .. import gate_plots, gate_stats
-from ..config_keys import checkpoint_overrides
-from ..heads import HEAD_PREFIX, moe_blocks
-from ..recording import GateRecorder, VideoWriter
+from ..analysis import gate_plots, gate_stats
+from ..settings.config_keys import checkpoint_overrides
+from ..upstream.heads import HEAD_PREFIX, moe_blocks
+from ..analysis.recording import GateRecorder, VideoWriter
 
 # Overrides applied before the user's: planning is not compiled for a short evaluation run.
 _PLAY_DEFAULTS = ["compile=false", "enable_wandb=false", "save_video=false"]
@@ -120,9 +120,9 @@ def build(args, overrides):
 	patched agent on the chosen device and the task indices to play (`select_tasks`). Raises
 	PlayError for a bad checkout path, override, task, --tasks or setting.
 	"""
-	from .. import upstream
+	from ..upstream import checkout
 	try:
-		cfg = upstream.load_cfg(overrides, args.tdmpc2)
+		cfg = checkout.load_cfg(overrides, args.tdmpc2)
 	except FileNotFoundError as exc:
 		raise PlayError(f"--tdmpc2: {_first_line(exc)}") from None
 	except Exception as exc:
@@ -255,7 +255,7 @@ def play(args):
 	if args.seed is not None:
 		overrides.append(f"seed={args.seed}")
 	overrides += args.overrides
-	from ..patching import is_patched, patch, unpatch
+	from ..upstream.patching import is_patched, patch, unpatch
 	patched_here = not is_patched()
 	if patched_here:
 		patch()

@@ -1,15 +1,17 @@
 """
 `tdmpc2-moe train --tdmpc2 PATH [key=value ...]`: upstream TD-MPC2's own training (its Hydra config
-plus this plugin's keys, its OnlineTrainer/OfflineTrainer) with the patch applied (training.py says
+plus this plugin's keys, its OnlineTrainer/OfflineTrainer) with the patch applied (runs/training.py says
 how it differs from upstream's `python train.py`); `-m key=a,b ...` is a Hydra multirun on the
-config's launcher, as upstream's `train.py -m` (sweep.py).
+config's launcher, as upstream's `train.py -m` (runs/sweep.py).
 """
 import argparse
 import sys
 
-from .. import sweep, training, upstream
-from ..checkpoint import CheckpointError
-from ..config_keys import config_defaults
+from ..runs import sweep, training
+
+from ..upstream import checkout
+from ..runs.checkpoint import CheckpointError
+from ..settings.config_keys import config_defaults
 
 
 def _parser():
@@ -19,7 +21,7 @@ def _parser():
 					f"or plugin key ({', '.join(config_defaults())}; patches/moe.yaml documents each) "
 					"can be given as key=value.")
 	parser.add_argument("--tdmpc2", metavar="PATH", default=None,
-						help=f"TD-MPC2 checkout (root or its tdmpc2/ directory); default ${upstream.ENV_VAR}")
+						help=f"TD-MPC2 checkout (root or its tdmpc2/ directory); default ${checkout.ENV_VAR}")
 	parser.add_argument("-m", "--multirun", action="store_true",
 						help="a Hydra sweep over comma-separated values (seed=1,2,3 use_moe=true,false) on the "
 							 "config's launcher (hydra/launcher=joblib|submitit_local|submitit_slurm)")

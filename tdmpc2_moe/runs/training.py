@@ -1,0 +1,133 @@
+"""
+Training upstream TD-MPC2 with the patch applied, as `tdmpc2-moe train` and every job of a sweep do:
+`prepare(overrides, path)` composes the config (upstream's Hydra config plus this plugin's keys) and
+checks its settings, `run(cfg, settings, seed_steps)` runs upstream's own `train.train(cfg)`.
+
+Differences from running upstream `python train.py` (none needs an edit to the checkout):
+- the plugin's keys are part of the config, so `use_moe=true moe_experts=8` needs no `+`;
+- hydra-submitit-launcher is not needed: the config is composed in-process without its launcher;
+- `device=cpu` trains on a machine without CUDA (upstream's CUDA assert checks the chosen device);
+- an explicit `seed_steps=N` is kept; upstream's `make_env` otherwise resets it to
+  max(1000, 5 * episode_length), which makes short runs impossible;
+- `checkpoint_interval=N`, `checkpoint_buffer=true`, `resume=true`: crash-safe checkpoints and resume
+  (resume.py, checkpoint.py);
+- the run's composed config (`config.yaml`) and `run.json` (status, wall time) are written into its
+  work_dir next to upstream's `eval.csv`, for `tdmpc2-moe compare`;
+- `checkpoint=PATH` (upstream's key, which its evaluate.py loads with `agent.load`) starts training
+  from that model: the agent loads it right after it is built, before the first step. Only the
+  world model comes from the file (what `agent.save` writes); optimiser state, replay buffer and
+  step count start fresh. `resume=true` with a run checkpoint present restores that instead.
+"""
+import contextlib
+import importlib
+import json
+import os
+import time
+from pathlib import Path
+
+from ..upstream import patching, checkout
+
+from . import resume
+from ..upstream.device import torch_on
+from ..settings.record import MoESettings
+
+
+@contextlib.contextmanager
+def _replaced(module, name, replacement):
+	"""While active, `module.<name>` is `replacement(original)`; the original is put back after."""
+	original = getattr(module, name)
+	setattr(module, name, replacement(original))
+	try:
+		yield
+	finally:
+		setattr(module, name, original)
+
+
+def _keep_seed_steps(train_module, seed_steps):
+	"""While active, `train_module.make_env` sets cfg.seed_steps back to `seed_steps` after upstream's heuristic."""
+	if seed_steps is None:
+		return contextlib.nullcontext()
+
+	def keeping_seed_steps(make_env):
+		def make_env_keeping_seed_steps(cfg):
+			env = make_env(cfg)
+			cfg.seed_steps = seed_steps
+			return env
+		return make_env_keeping_seed_steps
+	return _replaced(train_module, "make_env", keeping_seed_steps)
+
+
+def initial_checkpoint(cfg):
+	"""Returns the `checkpoint` path to start training from, or None when the key is unset (upstream's `???`). Raises ValueError for a missing file."""
+	from omegaconf import OmegaConf
+	if "checkpoint" not in cfg or OmegaConf.is_missing(cfg, "checkpoint") or cfg.checkpoint is None:
+		return None
+	path = os.path.expanduser(str(cfg.checkpoint))
+	if not os.path.isfile(path):
+		raise ValueError(f"checkpoint={cfg.checkpoint}: no such file (the model to start training from)")
+	return path
+
+
+def _start_from(train_module, path):
+	"""While active, the agents `train_module` builds load the model at `path` once built (None: no change)."""
+	if path is None:
+		return contextlib.nullcontext()
+
+	def loading(agent_cls):
+		def agent_from_checkpoint(cfg):
+			agent = agent_cls(cfg)
+			agent.load(path)
+			print(f"tdmpc2-moe train: starting from the model in checkpoint={path}")
+			return agent
+		return agent_from_checkpoint
+	return _replaced(train_module, "TDMPC2", loading)
+
+
+def prepare(overrides, path=None):
+	"""
+	Returns (cfg, settings, seed_steps): the composed config, the plugin settings it holds and the
+	explicit seed_steps (None when not given). Raises ValueError for a bad setting, FileNotFoundError
+	for a missing checkout, and Hydra's errors for unknown keys.
+	"""
+	from omegaconf import OmegaConf
+	cfg = checkout.compose(overrides, path)
+	settings = MoESettings.resolve(cfg)
+	resume.check_supported(cfg, settings)
+	initial_checkpoint(cfg)
+	seed_steps = None if OmegaConf.is_missing(cfg, "seed_steps") else cfg.seed_steps
+	if seed_steps is not None and (isinstance(seed_steps, bool) or not isinstance(seed_steps, int) or seed_steps < 0):
+		raise ValueError(f"seed_steps must be an int >= 0, got {seed_steps!r}")
+	return cfg, settings, seed_steps
+
+
+def work_dir(cfg):
+	"""Returns the run's work_dir as upstream's parse_cfg sets it: <original cwd>/logs/<task>/<seed>/<exp_name>."""
+	from hydra.utils import get_original_cwd
+	return Path(get_original_cwd()) / "logs" / str(cfg.task) / str(cfg.seed) / str(cfg.exp_name)
+
+
+def _write_run_files(cfg, status, start):
+	# The run's config and how it went, next to upstream's eval.csv: what `tdmpc2-moe compare` reads.
+	from omegaconf import OmegaConf
+	out = work_dir(cfg)
+	out.mkdir(parents=True, exist_ok=True)
+	if status == "running":
+		OmegaConf.save(cfg, out / "config.yaml")
+	(out / "run.json").write_text(json.dumps(dict(status=status, wall_s=time.time() - start, steps=int(cfg.steps))) + "\n")
+
+
+def run(cfg, settings, seed_steps=None):
+	"""
+	Trains with upstream's `train.train(cfg)` with the patch applied (settings come from `cfg`); returns
+	when done. Writes the composed config and `run.json` (status, wall time) into the run's work_dir.
+	"""
+	# Upstream's train.py defaults MUJOCO_GL to egl at import; a user's choice is kept.
+	os.environ.setdefault("MUJOCO_GL", "egl")
+	patching.patch()
+	train_module = importlib.import_module("train")
+	start = time.time()
+	_write_run_files(cfg, "running", start)
+	with torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps), \
+			_start_from(train_module, initial_checkpoint(cfg)), resume.resumable(train_module, settings):
+		train_module.train(cfg)
+	_write_run_files(cfg, "finished", start)
