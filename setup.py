@@ -58,8 +58,11 @@ setup(
 	# torch is deliberately absent: the build uses the torch already installed, and listing it
 	# could make pip replace it (e.g. pull a multi-GB CUDA build into a CPU environment).
 	install_requires=["numpy", "psutil", "matplotlib", "tqdm", "ninja"],
-	# `pip install .[sweep]`: Hydra's launchers for `tdmpc2-moe train -m` (upstream's default is submitit_local).
-	extras_require={"sweep": ["hydra-joblib-launcher>=1.2", "hydra-submitit-launcher>=1.2"]},
+	# `pip install .[sweep]`: Hydra's launchers for `tdmpc2-moe train -m` (upstream's default is submitit_local;
+	# joblib below 1.6 beside hydra-ray-launcher, which needs cloudpickle<3). `.[wandb]`: enable_wandb=true.
+	extras_require={"sweep": ["hydra-joblib-launcher>=1.2", "hydra-submitit-launcher>=1.2", "hydra-ray-launcher>=1.2.2",
+							  "joblib<1.6"],
+					"wandb": ["wandb"]},
 	ext_modules=ext_modules,
 	cmdclass=cmdclass,
 	entry_points={"console_scripts": ["tdmpc2-moe = tdmpc2_moe.cli:main"]},

@@ -5,7 +5,7 @@
 # Steps: build the CUDA extension in place against the torch already installed (no pip, no network);
 # the device-parametrised and CUDA-only tests on cuda; compute-sanitizer memcheck, racecheck and
 # synccheck on a small workload; CUDA-graph capture and replay of forward + history + backward; the
-# gating / MoEBlock / update benchmarks on cuda. Each step has a time limit (the whole run stays under
+# gating / MoEBlock / update benchmarks on cuda; 4 tiny TD-MPC2 runs packed on the GPU by Ray. Each step has a time limit (the whole run stays under
 # 10 minutes on one H100: GPU_CHECK_BUDGET) and a failed step does not stop the others; $OUT/summary.txt lists each
 # step's result and the exit status is nonzero if any step failed. At most 8 files are written to $OUT.
 # Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET (seconds for the whole run, default 570),
@@ -140,6 +140,34 @@ for suite in moe_block update; do
 	step "bench_$suite" 120 "$OUT/bench.log" "$PY -m pytest --collect-only -q -p no:cacheprovider benchmarks/test_$suite.py | tail -1" -- \
 		bash -c "TDMPC2_MOE_BENCH_DEVICE=cuda UPDATE_BENCH_ROUNDS=${UPDATE_BENCH_ROUNDS:-50} $PY -m pytest benchmarks/test_$suite.py $BENCH --benchmark-json=$OUT/$suite.json"
 done
+
+# 5. Training on the GPU through upstream TD-MPC2 (needs TDMPC2_ROOT, upstream's packages and the sweep
+# extra; skipped without them). packed_sweep: 4 tiny runs packed on one GPU by Ray (num_gpus=0.25 each);
+# every run must have trained on cuda, all on the same GPU, with Ray's fraction recorded and the runs
+# overlapping in time.
+TINY="task=walker-walk steps=510 seed_steps=500 eval_freq=100000 eval_episodes=1 enable_wandb=false compile=false save_video=false model_size=1 batch_size=4 mpc=false monitor_mem_interval=0"
+cat >"$WORK/check_packed.py" <<'PY'
+"""Checks a packed sweep's files: every run on cuda, one GPU for all, Ray's 0.25 of it each, running at once."""
+import glob, json, sys
+runs = [json.load(open(p)) for p in glob.glob(sys.argv[1] + "/logs/*/*/*/run.json")]
+jobs = [json.load(open(p)) for p in glob.glob(sys.argv[1] + "/multirun/*/*/*/tdmpc2_moe_job.json")]
+print("runs", [(r["device"], r["cuda_visible_devices"], r.get("gpu_name")) for r in runs])
+print("jobs", [(j["status"], j["ray_resources"], round(j["ended"] - j["started"], 1)) for j in jobs])
+assert len(runs) == len(jobs) == 4 and all(j["status"] == "finished" for j in jobs)
+assert all(r["device"].startswith("cuda") for r in runs) and len({r["cuda_visible_devices"] for r in runs}) == 1
+assert all(j["ray_resources"].get("GPU") == 0.25 for j in jobs)
+overlap = max(j["started"] for j in jobs) < min(j["ended"] for j in jobs)
+print("all four running at once:", overlap)
+assert overlap
+print("packed sweep ok")
+PY
+if [ -z "${TDMPC2_ROOT:-}" ] || ! "$PY" -c "import hydra_plugins.hydra_ray_launcher, dm_control" 2>/dev/null; then
+	note "SKIP  packed_sweep: needs TDMPC2_ROOT (a TD-MPC2 checkout), dm_control and hydra-ray-launcher (pip install .[sweep])"
+else
+	mkdir -p "$WORK/packed"
+	step packed_sweep 150 "$OUT/bench.log" "$PY -m py_compile $WORK/check_packed.py && ls $TDMPC2_ROOT >/dev/null" -- \
+		bash -c "cd $WORK/packed && $PY -m tdmpc2_moe train --tdmpc2 $TDMPC2_ROOT -m $TINY seed=1,2,3,4 hydra/launcher=ray hydra.launcher.ray.init.num_gpus=1 hydra.launcher.ray.init.include_dashboard=false hydra.launcher.ray.remote.num_gpus=0.25 && $PY $WORK/check_packed.py $WORK/packed"
+fi
 
 note "result: $([ $FAILED = 0 ] && echo all steps passed || echo some steps FAILED)"
 exit $FAILED

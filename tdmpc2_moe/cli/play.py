@@ -30,6 +30,7 @@ from ..analysis import gate_plots, gate_stats
 from ..settings.config_keys import checkpoint_overrides
 from ..upstream.heads import HEAD_PREFIX, moe_blocks
 from ..analysis.recording import GateRecorder, VideoWriter
+from ..runs.checkpoint import CheckpointError, model_file
 
 # Overrides applied before the user's: planning is not compiled for a short evaluation run.
 _PLAY_DEFAULTS = ["compile=false", "enable_wandb=false", "save_video=false"]
@@ -46,8 +47,9 @@ def _first_line(exc):
 
 def load_checkpoint(path):
 	"""
-	Returns `(state, moe_overrides)`: the checkpoint dict loaded with weights_only=True on the CPU,
-	and the cfg overrides (["use_moe=true", "moe_experts=4", ...]) that rebuild its MoE heads. The
+	Returns `(state, moe_overrides)`: the checkpoint's model dict loaded with weights_only=True on the
+	CPU (a patched agent's `save`, or a training checkpoint's model: runs/checkpoint.model_file), and
+	the cfg overrides (["use_moe=true", "moe_experts=4", ...]) that rebuild its MoE heads. The
 	settings come from the checkpoint's "moe" entry, or, for a checkpoint saved without it, from its
 	gate parameters (heads and expert count; top-k and temperature then come from the overrides).
 	Raises PlayError for a missing, unreadable or non-MoE checkpoint.
@@ -55,10 +57,9 @@ def load_checkpoint(path):
 	if not os.path.isfile(path):
 		raise PlayError(f"--checkpoint {path!r}: no such file")
 	try:
-		state = torch.load(path, map_location="cpu", weights_only=True)
-	except Exception as exc:
-		raise PlayError(f"--checkpoint {path!r} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-						f"{_first_line(exc)}") from None
+		state = model_file(path)
+	except CheckpointError as exc:
+		raise PlayError(f"--checkpoint {path!r}: {exc}") from None
 	if not isinstance(state, dict) or not isinstance(state.get("model", state), dict):
 		raise PlayError(f"--checkpoint {path!r} is not a TD-MPC2 checkpoint (expected a dict with a 'model' state dict)")
 	settings = state.get("moe")

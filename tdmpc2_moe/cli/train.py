@@ -32,7 +32,8 @@ def _parser():
 def main(argv=None):
 	"""
 	Entry point of `tdmpc2-moe train`; returns the exit code: 2 for bad arguments or a missing
-	checkout, 1 (with a one-line message naming the file) for a checkpoint that cannot be resumed from.
+	checkout, 1 (with a one-line message) for settings that cannot run (before any step: seed_steps
+	under one episode) or a checkpoint that cannot be resumed from (naming the file).
 	"""
 	from hydra.errors import HydraException
 	args = _parser().parse_args(argv)
@@ -41,11 +42,14 @@ def main(argv=None):
 			code, lines = sweep.run(args.overrides, args.tdmpc2)
 		except (sweep.SweepError, FileNotFoundError) as exc:
 			print(f"tdmpc2-moe train -m: {exc}", file=sys.stderr)
-			return 2
+			return getattr(exc, "exit_code", 2)
 		print("\n".join(lines))
 		return code
 	try:
 		cfg, settings, seed_steps = training.prepare(args.overrides, args.tdmpc2)
+	except training.CannotRun as exc:
+		print(f"tdmpc2-moe train: {exc}", file=sys.stderr)
+		return 1
 	except (ValueError, FileNotFoundError, HydraException) as exc:
 		print(f"tdmpc2-moe train: {exc}", file=sys.stderr)
 		return 2

@@ -15,7 +15,7 @@ truncated or corrupted file into a one-line CheckpointError naming it). It holds
   task's generator, which draws each episode's initial state);
 - with `checkpoint_buffer=true`, the filled part of the replay buffer and its write cursor.
 Not in it: gate history rings and the memory monitor (diagnostics, restarted empty), torch.compile
-caches (recompiled), the wandb run (a resumed run starts a new one).
+caches (recompiled), the wandb run (a resumed run starts a new one, named after the step it resumed at).
 
 When and how a training run writes and resumes from these files is resume.py.
 """
@@ -249,3 +249,24 @@ def restore_buffer(buffer, state):
 		buffer._buffer._writer._cursor = cursor
 		buffer._buffer._writer._write_count = state["write_count"]
 	buffer._num_eps = state["num_eps"]
+
+
+def model_file(path):
+	"""
+	Returns {"model": state dict, "moe": settings or None} of the model in `path`, which is either what
+	a patched agent's `save` writes (upstream's models/*.pt) or a training checkpoint (latest.pt: its
+	agent's model, checked against its checksum). What `checkpoint=PATH` and `tdmpc2-moe play` load.
+	Raises FileNotFoundError or CheckpointError naming the file.
+	"""
+	path = Path(path)
+	if not path.is_file():
+		raise FileNotFoundError(f"no checkpoint at {path}")
+	try:
+		saved = torch.load(path, map_location="cpu", weights_only=True)
+	except Exception as exc:  # noqa: BLE001 (zipfile, pickle and torch errors all mean an unreadable file)
+		raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+							  f"{(str(exc).strip().splitlines() or [''])[0][:160]}") from None
+	if isinstance(saved, dict) and saved.get("format") == FORMAT and "state" in saved:
+		agent = load(path)["agent"]
+		return {"model": agent["model"], "moe": agent["moe"]}
+	return saved

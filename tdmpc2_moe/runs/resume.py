@@ -3,7 +3,9 @@ Training with crash-safe checkpoints and resume (`tdmpc2-moe train checkpoint_in
 [checkpoint_buffer=true] [resume=true]`, docs/design.md 12); the files themselves are checkpoint.py.
 
 Checkpoints are written at episode ends: upstream's environments cannot be saved mid-episode, so
-`checkpoint_interval=N` writes at the first episode end at least N steps after the previous one.
+`checkpoint_interval=N` writes at the first episode end at least N steps after the previous one, and
+at the run's last episode end, so that a finished run's file holds where it ended (`resume=true` with
+more `steps` goes on from there; `checkpoint=` and `play` take the file's model).
 Upstream's OnlineTrainer.train cannot be re-entered at a later step (its loop state lives in local
 variables), so with checkpointing `run_online` drives the trainer instead, making the same
 evaluations, logs, buffer writes, updates and RNG draws in the same order (a test runs both and
@@ -53,8 +55,21 @@ def restore(trainer, state, path):
 	set_rng_state(state["rng"], trainer.env)
 
 
+def _name_resumed_wandb_run(trainer):
+	"""
+	A resumed run logs to a new wandb run (upstream's logger starts one per process), named after the
+	seed and the step it resumed at, with `resumed_from_step` in its config: steps it logs again (those
+	after the checkpoint that a killed run had logged) stay apart from the killed run's.
+	"""
+	wandb = getattr(trainer.logger, "_wandb", None)
+	if wandb is None or wandb.run is None:
+		return
+	wandb.run.name = f"{trainer.cfg.seed} (resumed at step {trainer._step})"
+	wandb.run.config.update({"resumed_from_step": trainer._step}, allow_val_change=True)
+
+
 class Checkpointer:
-	"""Writes a trainer's checkpoint at episode ends, every `interval` steps or more (0: never)."""
+	"""Writes a trainer's checkpoint at episode ends, every `interval` steps or more and at the run's end (0: never)."""
 
 	def __init__(self, trainer, interval, with_buffer):
 		self.trainer, self.interval, self.with_buffer = trainer, interval, with_buffer
@@ -74,12 +89,13 @@ class Checkpointer:
 		kept = "with" if state["buffer"] is not None else "without"
 		print(f"Resumed from {self.path} at step {self.trainer._step:,}, episode {self.trainer._ep_idx} "
 			  f"({kept} replay buffer)", flush=True)
+		_name_resumed_wandb_run(self.trainer)
 		return True
 
-	def maybe_save(self):
-		"""Writes the checkpoint when `interval` steps have passed since the last one."""
+	def maybe_save(self, final=False):
+		"""Writes the checkpoint when `interval` steps have passed since the last one, or at the run's `final` episode ends."""
 		step = self.trainer._step
-		if not self.interval or step - self.last_step < self.interval:
+		if not self.interval or step == self.last_step or (step - self.last_step < self.interval and not final):
 			return
 		start = time.perf_counter()
 		size = atomic_save(collect(self.trainer, self.with_buffer), self.path)
@@ -126,7 +142,8 @@ def run_online(trainer, interval, with_buffer=False, resume=False):
 					# going after a resume whose buffer restarted empty (the same number otherwise).
 					buffer.add(torch.cat(trainer._tds))
 					trainer._ep_idx += 1
-				ckpt.maybe_save()
+				# The last episode end(s) before `steps` checkpoint too, so that the file holds where the run ended.
+				ckpt.maybe_save(final=trainer._step + cfg.episode_length > cfg.steps)
 			at_checkpoint = False
 			obs = env.reset()
 			trainer._tds = [trainer.to_td(obs)]

@@ -2,10 +2,14 @@
 `tdmpc2-moe train --tdmpc2 PATH -m key=a,b ...`: a Hydra multirun of upstream's training with the
 patch applied in every job, on the launcher the config names, exactly as upstream's `train.py -m`:
 upstream's default `submitit_local`, or `hydra/launcher=joblib` (local processes,
-`hydra.launcher.n_jobs=N`), or `hydra/launcher=submitit_slurm` on a cluster. The launchers are the
-`sweep` extra (`pip install .[sweep]`).
+`hydra.launcher.n_jobs=N`), `hydra/launcher=ray` (Ray schedules the jobs by the resources they ask
+for, `hydra.launcher.ray.remote.num_gpus=0.125` packs 8 per GPU; `hydra.launcher.ray.init.address=auto`
+runs them on an existing Ray cluster), or `hydra/launcher=submitit_slurm` on a cluster. The launchers
+are the `sweep` extra (`pip install .[sweep]`). Each job trains in a process of its own with its GPU,
+EGL device and threads set before it starts (sweep_job.py, placement.py).
 
-Before any job starts, every combination is composed and its settings checked: a bad setting is
+Before any job starts, every combination is composed and its settings checked: a bad setting, or
+settings that cannot run (seed_steps under one episode, CUDA jobs on a machine without a GPU), is
 reported naming the job's overrides and nothing runs. A job that fails records why and the others go
 on; the summary at the end names it. Each job prints one line when it finishes (its last evaluation
 return and its minutes) and writes `tdmpc2_moe_job.json` in its Hydra job directory.
@@ -20,21 +24,26 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from . import training
-
-from ..upstream import checkout
+from . import placement, training
+from .sweep_job import JOB_FILE, SAME_RUN, SWEEP_NODE, job, job_key
+from ..settings.record import MOE_ONLY
 from ..settings.config_keys import config_defaults
+from ..upstream import checkout
 
-JOB_FILE = "tdmpc2_moe_job.json"
-VARYING_ENV = "TDMPC2_MOE_SWEEP_VARYING"
 _NOT_VARIANT = ("task", "seed")
+# Ray's init and remote options are free-form dicts in hydra-ray-launcher's config: a key not in them
+# yet (num_gpus, num_cpus, resources) takes `++`; the sweep adds it for the user.
+_RAY_OPTIONS = ("hydra.launcher.ray.init.", "hydra.launcher.ray.remote.")
 
 
 class SweepError(ValueError):
-	"""A sweep that cannot start; the message is one line naming the job or the key."""
+	"""A sweep that cannot start; the message is one line naming the job or the key, `exit_code` the command's."""
+
+	def __init__(self, message, exit_code=2):
+		super().__init__(message)
+		self.exit_code = exit_code
 
 
 def expand(overrides):
@@ -58,13 +67,40 @@ def varying_keys(jobs):
 	return sorted(k for k, v in values.items() if len(v) > 1 and k not in _NOT_VARIANT)
 
 
-def config_dir(pkg, directory):
-	"""Writes upstream's config.yaml plus the plugin's keys into `directory`, keeping its defaults (the launcher)."""
+def same_runs(jobs, settings):
+	"""
+	Returns {job key: key of the earlier job that is the same run} (a job's key: its overrides, sorted,
+	space-separated). Jobs that differ only in MoE settings (moe_*, gate_*) while use_moe is false train
+	the same plain model: `use_moe=false,true moe_experts=4,6` is three runs, not four.
+	"""
+	first, same = {}, {}
+	for overrides, job_settings in zip(jobs, settings):
+		kept = tuple(sorted(o for o in overrides if job_settings.use_moe or o.partition("=")[0].lstrip("+") not in MOE_ONLY))
+		key = job_key(overrides)
+		if kept in first:
+			same[key] = first[kept]
+		else:
+			first[kept] = key
+	return same
+
+
+def config_dir(pkg, directory, varying=(), same=None):
+	"""
+	Writes upstream's config.yaml plus the plugin's keys into `directory`, keeping its defaults (the
+	launcher), with the node that tells each job the checkout, the `varying` keys and the jobs that
+	are the `same` run as an earlier one (sweep_job.py).
+	"""
 	from omegaconf import OmegaConf
 	base = OmegaConf.load(Path(pkg) / "config.yaml")
-	merged = OmegaConf.merge(base, OmegaConf.create(config_defaults()))
+	sweep = {SWEEP_NODE: {"checkout": str(pkg), "varying": list(varying), "same_as": [[k, v] for k, v in (same or {}).items()]}}
+	merged = OmegaConf.merge(base, OmegaConf.create(config_defaults()), OmegaConf.create(sweep))
 	OmegaConf.save(merged, Path(directory) / "config.yaml")
 	return directory
+
+
+def with_ray_options(overrides):
+	"""Returns `overrides` with `hydra.launcher.ray.init.X=V` / `.remote.X=V` written `++...` (add or override)."""
+	return [f"++{o}" if o.startswith(_RAY_OPTIONS) else o for o in overrides]
 
 
 def compose_hydra(overrides, path=None):
@@ -76,7 +112,7 @@ def compose_hydra(overrides, path=None):
 		if GlobalHydra.instance().is_initialized():
 			GlobalHydra.instance().clear()
 		with initialize_config_dir(config_dir=config_dir(pkg, tmp), version_base=None):
-			cfg = compose(config_name="config", overrides=[o for o in overrides if o.startswith(("hydra/", "hydra."))],
+			cfg = compose(config_name="config", overrides=[o for o in overrides if o.lstrip("+~").startswith(("hydra/", "hydra."))],
 						  return_hydra_config=True)
 	return cfg.hydra
 
@@ -86,73 +122,61 @@ def compose_launcher(overrides, path=None):
 	return compose_hydra(overrides, path).launcher
 
 
-def _exp_name(cfg, job_overrides, varying):
-	keys = {o.partition("=")[0].lstrip("+") for o in job_overrides}
-	if "exp_name" in keys or not varying:
-		return cfg.exp_name
-	parts = [o.lstrip("+") for o in sorted(job_overrides) if o.partition("=")[0].lstrip("+") in varying]
-	return f"{cfg.exp_name}-{','.join(parts)}"
-
-
-def _last_eval(work_dir):
-	path = Path(work_dir) / "eval.csv"
-	if not path.is_file():
-		return None
-	import csv
-	with open(path) as f:
-		rows = list(csv.DictReader(f))
-	return (float(rows[-1]["step"]), float(rows[-1]["episode_reward"])) if rows else None
-
-
-def job(cfg):
-	"""The task function of every sweep job (runs in the job's process): trains with the patch, records how it went."""
-	from hydra.core.hydra_config import HydraConfig
-	from omegaconf import OmegaConf, open_dict
-	hc = HydraConfig.get()
-	overrides = list(hc.overrides.task)
-	record = dict(num=hc.job.num, overrides=overrides, status="failed", error=None)
-	start = time.time()
-	try:
-		checkout.activate(os.environ.get(checkout.ENV_VAR))
-		with open_dict(cfg):
-			cfg.exp_name = _exp_name(cfg, overrides, [k for k in os.environ.get(VARYING_ENV, "").split(",") if k])
-		record["work_dir"] = str(Path(hc.runtime.cwd) / "logs" / str(cfg.task) / str(cfg.seed) / str(cfg.exp_name))
-		settings = training.MoESettings.resolve(cfg)
-		seed_steps = None if OmegaConf.is_missing(cfg, "seed_steps") else cfg.seed_steps
-		training.run(cfg, settings, seed_steps)
-		record["status"] = "finished"
-	except Exception as exc:  # noqa: BLE001 (a failing job is reported; the others go on)
-		record["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
-	record["minutes"] = (time.time() - start) / 60
-	last = _last_eval(record.get("work_dir", "."))
-	record["last_eval"] = None if last is None else dict(step=last[0], reward=last[1])
-	Path(hc.runtime.output_dir, JOB_FILE).write_text(json.dumps(record, indent=1) + "\n")
-	ret = "" if last is None else f", return {last[1]:.1f} at step {last[0]:.0f}"
-	print(f"tdmpc2-moe sweep: job {record['num']} ({' '.join(overrides)}) {record['status']}{ret}, "
-		  f"{record['minutes']:.1f} min" + (f": {record['error']}" if record["error"] else ""), file=sys.stderr, flush=True)
-	return record
-
-
 def check(jobs, path):
-	"""Composes every job's config and checks its settings; raises SweepError naming the job."""
+	"""
+	Composes every job's config and checks its settings and whether it can run; raises SweepError
+	naming the job (exit code 2 for a bad setting, 1 for settings that cannot run, such as seed_steps
+	under one episode). Returns the jobs' settings.
+	"""
 	from hydra.errors import HydraException
+	out = []
 	for overrides in jobs:
 		try:
-			training.prepare(overrides, path)
+			_, settings, _ = training.prepare(overrides, path)
+		except training.CannotRun as exc:
+			raise SweepError(f"job {' '.join(overrides)}: {exc}", exit_code=1) from None
 		except (ValueError, HydraException) as exc:
 			raise SweepError(f"job {' '.join(overrides)}: {(str(exc).strip().splitlines() or [''])[0]}") from None
+		out.append(settings)
+	return out
+
+
+def check_resources(launcher, settings, gpu_count=None):
+	"""
+	Raises SweepError (exit code 1) when the jobs ask for GPUs this node cannot give them: device=cuda
+	with a launcher that runs jobs here and no GPU, or Ray's `remote.num_gpus` on a local Ray without
+	GPUs (the jobs would wait forever). A Ray cluster (`init.address` set) is not checked here.
+	"""
+	name = launcher._target_.rsplit(".", 1)[-1]
+	gpus = placement.device_count() if gpu_count is None else gpu_count
+	if gpus:
+		return
+	if name == placement.RAY_LAUNCHER:
+		remote, init = launcher.ray.get("remote", {}), launcher.ray.get("init", {})
+		if (remote.get("num_gpus") or 0) > 0 and not init.get("address"):
+			raise SweepError(f"hydra.launcher.ray.remote.num_gpus={remote.num_gpus} asks a GPU for every job, but this "
+							 "machine has none and no Ray cluster is named (hydra.launcher.ray.init.address): the jobs "
+							 "would wait forever", exit_code=1)
+	elif name in placement.LOCAL_LAUNCHERS:
+		cuda = [s for s in settings if s.device is None or s.device.type == "cuda"]
+		if cuda:
+			device = "null (upstream's cuda:0)" if cuda[0].device is None else str(cuda[0].device)
+			raise SweepError(f"device={device} trains on CUDA, but this machine has no GPU for the jobs {name} "
+							 "starts here: use device=cpu", exit_code=1)
 
 
 def run(overrides, path=None):
 	"""
 	Runs the multirun of `overrides` and returns (exit code, summary lines): 0 when every job finished,
-	1 when one failed (named). Raises SweepError before any job starts for a bad setting or a missing launcher.
+	1 when one failed (named). Raises SweepError before any job starts for a bad setting, settings that
+	cannot run, or a missing launcher.
 	"""
 	import hydra
 	from hydra.core.global_hydra import GlobalHydra
 	pkg = checkout.activate(path)
+	overrides = with_ray_options(overrides)
 	jobs, hydra_keys = expand(overrides)
-	check(jobs, path)
+	settings = check(jobs, path)
 	if not any(k.lstrip("+").startswith("hydra.sweep.dir=") for k in hydra_keys):
 		stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 		overrides = [*overrides, f"hydra.sweep.dir={Path.cwd() / 'multirun' / stamp}"]
@@ -162,12 +186,16 @@ def run(overrides, path=None):
 		raise SweepError(f"cannot compose the launcher ({(str(exc).strip().splitlines() or [''])[0]}); the "
 						 "launchers are the sweep extra: pip install .[sweep]") from None
 	launcher, sweep_dir = hydra_cfg.launcher, Path(str(hydra_cfg.sweep.dir))
-	os.environ[checkout.ENV_VAR] = str(pkg)
-	os.environ[VARYING_ENV] = ",".join(varying_keys(jobs))
+	check_resources(launcher, settings)
 	os.environ.setdefault("MUJOCO_GL", "egl")
-	print(f"tdmpc2-moe sweep: {len(jobs)} jobs on {launcher._target_.rsplit('.', 1)[-1]}, in {sweep_dir}", flush=True)
+	name = launcher._target_.rsplit(".", 1)[-1]
+	gpus = placement.node_gpus(settings[0].sweep_gpus) if name in placement.LOCAL_LAUNCHERS else []
+	print(f"tdmpc2-moe sweep: {len(jobs)} jobs on {name}, in {sweep_dir}; "
+		  f"{placement.describe(name, gpus, settings[0].sweep_threads)}", flush=True)
 	with tempfile.TemporaryDirectory() as tmp:
-		app = hydra.main(config_path=config_dir(pkg, tmp), config_name="config", version_base=None)(job)
+		same = same_runs(jobs, settings)
+		app = hydra.main(config_path=config_dir(pkg, tmp, varying_keys(jobs), same), config_name="config",
+						 version_base=None)(job)
 		argv = sys.argv
 		sys.argv = ["tdmpc2-moe train", "-m", *overrides]
 		if GlobalHydra.instance().is_initialized():
@@ -190,11 +218,14 @@ def summarize(sweep_dir, expected):
 		ret = "" if not r.get("last_eval") else f", return {r['last_eval']['reward']:.1f} at step {r['last_eval']['step']:.0f}"
 		lines.append(f"  job {r['num']} {r['status']}: {' '.join(r['overrides'])}{ret}, {r['minutes']:.1f} min"
 					 + (f" -- {r['error']}" if r.get("error") else ""))
-	failed = [r for r in records if r["status"] != "finished"]
+	same = [r for r in records if r["status"] == SAME_RUN]
+	failed = [r for r in records if r["status"] not in ("finished", SAME_RUN)]
 	missing = expected - len(records)
 	if missing:
 		lines.append(f"  {missing} job(s) left no record (killed, or the launcher lost them)")
-	head = f"tdmpc2-moe sweep: {len(records) - len(failed)} of {expected} jobs finished"
+	head = f"tdmpc2-moe sweep: {len(records) - len(failed) - len(same)} of {expected - len(same)} jobs finished"
+	if same:
+		head += f" ({len(same)} more combination{'s' if len(same) > 1 else ''} the same run as another, not run twice)"
 	if failed:
 		head += "; failed: " + "; ".join(" ".join(r["overrides"]) for r in failed)
 	return (1 if failed or missing else 0), [head, *lines]

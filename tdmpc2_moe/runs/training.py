@@ -15,10 +15,11 @@ Differences from running upstream `python train.py` (none needs an edit to the c
   work_dir next to upstream's `eval.csv`, for `tdmpc2-moe compare`;
 - `checkpoint=PATH` (upstream's key, which its evaluate.py loads with `agent.load`) starts training
   from that model: the agent loads it right after it is built, before the first step. Only the
-  world model comes from the file (what `agent.save` writes); optimiser state, replay buffer and
-  step count start fresh. `resume=true` with a run checkpoint present restores that instead.
+  world model comes from the file (what `agent.save` writes, or the model of a training checkpoint
+  `checkpoints/latest.pt`); optimiser state, replay buffer and step count start fresh. `resume=true` with a run checkpoint present restores that instead.
 """
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from ..upstream import patching, checkout
 
-from . import resume
+from . import checkpoint, placement, resume
 from ..upstream.device import torch_on
 from ..settings.record import MoESettings
 
@@ -76,7 +77,7 @@ def _start_from(train_module, path):
 	def loading(agent_cls):
 		def agent_from_checkpoint(cfg):
 			agent = agent_cls(cfg)
-			agent.load(path)
+			agent.load(checkpoint.model_file(path))
 			print(f"tdmpc2-moe train: starting from the model in checkpoint={path}")
 			return agent
 		return agent_from_checkpoint
@@ -97,7 +98,42 @@ def prepare(overrides, path=None):
 	seed_steps = None if OmegaConf.is_missing(cfg, "seed_steps") else cfg.seed_steps
 	if seed_steps is not None and (isinstance(seed_steps, bool) or not isinstance(seed_steps, int) or seed_steps < 0):
 		raise ValueError(f"seed_steps must be an int >= 0, got {seed_steps!r}")
+	check_seed_steps(cfg, settings, seed_steps, path)
 	return cfg, settings, seed_steps
+
+
+class CannotRun(ValueError):
+	"""Settings that are each valid but cannot run together (found before any step); the message is one line."""
+
+
+@functools.cache
+def episode_length(task, obs, path=None):
+	"""Returns the episode length of `task` as upstream's make_env (of the checkout at `path`) builds it. Raises ValueError naming an unknown task."""
+	# Upstream's train.py defaults MUJOCO_GL to egl before its environments import their renderer; so here.
+	os.environ.setdefault("MUJOCO_GL", "egl")
+	from common.parser import parse_cfg
+	from envs import make_env
+	parsed = parse_cfg(checkout.compose([f"task={task}", f"obs={obs}", "model_size=1"], path))
+	try:
+		return int(make_env(parsed).max_episode_steps)
+	except ValueError as exc:
+		raise ValueError(f"task={task}: {(str(exc).strip().splitlines() or [''])[0]}") from None
+
+
+def check_seed_steps(cfg, settings, seed_steps, path=None):
+	"""
+	Raises CannotRun when an explicit `seed_steps` is shorter than one episode of a single-task run
+	that upstream's own loop trains: its first update would read a replay buffer that holds no episode
+	yet (AttributeError: 'Buffer' object has no attribute '_buffer'). The loop with checkpoints
+	(`checkpoint_interval`, `resume`) waits for the first episode, so there it runs.
+	"""
+	if seed_steps is None or cfg.task in ("mt30", "mt80") or settings.checkpoint_interval or settings.resume:
+		return
+	length = episode_length(str(cfg.task), str(cfg.obs), None if path is None else str(path))
+	if seed_steps < length:
+		raise CannotRun(f"seed_steps={seed_steps} is shorter than one episode of {cfg.task} ({length} steps): upstream's "
+						f"first update would read a replay buffer with no episode in it; use seed_steps={length} or more "
+						"(or checkpoint_interval > 0, whose loop waits for the first episode)")
 
 
 def work_dir(cfg):
@@ -106,28 +142,31 @@ def work_dir(cfg):
 	return Path(get_original_cwd()) / "logs" / str(cfg.task) / str(cfg.seed) / str(cfg.exp_name)
 
 
-def _write_run_files(cfg, status, start):
-	# The run's config and how it went, next to upstream's eval.csv: what `tdmpc2-moe compare` reads.
+def _write_run_files(cfg, settings, status, start):
+	# The run's config, how it went and where it ran, next to upstream's eval.csv: what `tdmpc2-moe
+	# compare` reads.
 	from omegaconf import OmegaConf
 	out = work_dir(cfg)
 	out.mkdir(parents=True, exist_ok=True)
 	if status == "running":
 		OmegaConf.save(cfg, out / "config.yaml")
-	(out / "run.json").write_text(json.dumps(dict(status=status, wall_s=time.time() - start, steps=int(cfg.steps))) + "\n")
+	record = dict(status=status, wall_s=time.time() - start, steps=int(cfg.steps), **placement.run_device(settings.device))
+	(out / "run.json").write_text(json.dumps(record) + "\n")
 
 
 def run(cfg, settings, seed_steps=None):
 	"""
 	Trains with upstream's `train.train(cfg)` with the patch applied (settings come from `cfg`); returns
-	when done. Writes the composed config and `run.json` (status, wall time) into the run's work_dir.
+	when done. Writes the composed config and `run.json` (status, wall time, the device and threads it
+	ran on) into the run's work_dir.
 	"""
 	# Upstream's train.py defaults MUJOCO_GL to egl at import; a user's choice is kept.
 	os.environ.setdefault("MUJOCO_GL", "egl")
 	patching.patch()
 	train_module = importlib.import_module("train")
 	start = time.time()
-	_write_run_files(cfg, "running", start)
+	_write_run_files(cfg, settings, "running", start)
 	with torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps), \
 			_start_from(train_module, initial_checkpoint(cfg)), resume.resumable(train_module, settings):
 		train_module.train(cfg)
-	_write_run_files(cfg, "finished", start)
+	_write_run_files(cfg, settings, "finished", start)

@@ -102,3 +102,23 @@ def names(allowed=None, *, unique=False):
 				raise ValueError(f"{name}: unknown name {item!r}; choose from {list(allowed)}")
 		return tuple(dict.fromkeys(items)) if unique else items
 	return check
+
+
+def gpu_ids(name, value):
+	"""Returns `value` (a list of GPU indices >= 0, or one comma-separated string of them) as a tuple of ints."""
+	if isinstance(value, str):
+		value = [v.strip() for v in value.split(",") if v.strip()]
+	try:
+		items = tuple(value)
+	except TypeError:
+		_fail(name, "a list of GPU indices (ints >= 0)", value)
+	ids = []
+	for item in items:
+		if isinstance(item, str) and item.isdigit():
+			item = int(item)
+		if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+			_fail(name, "a list of GPU indices (ints >= 0)", value)
+		ids.append(item)
+	if not ids:
+		_fail(name, "null or a non-empty list of GPU indices", value)
+	return tuple(ids)

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .checks import DISPATCHES, boolean, bounds, integer, is_pair, names, number, one_of, optional
+from .checks import DISPATCHES, boolean, bounds, gpu_ids, integer, is_pair, names, number, one_of, optional
 
 # The world-model heads that upstream builds with `layers.mlp` and that can become MoE.
 HEADS = ("encoder", "dynamics", "reward", "termination", "pi")
@@ -125,6 +125,10 @@ class MoESettings:
 									  "README \"Long runs\")", boolean)
 	resume: bool = setting(False, "continue from work_dir/checkpoints/latest.pt (starts at step 0 when there is none)",
 						   boolean)
+	sweep_threads: int = setting(1, "torch threads of each job of a sweep (OMP_NUM_THREADS, MKL_NUM_THREADS of its "
+								 "process; 0: as the environment sets them)", integer(0))
+	sweep_gpus: tuple = setting(None, "GPUs the jobs of a sweep on this node get, one each, round-robin (null: every GPU "
+								"the node has; Ray and SLURM assign their own)", optional(gpu_ids))
 
 	def __post_init__(self):
 		_check_fields(self)
@@ -239,6 +243,8 @@ BlockOptions = dataclasses.make_dataclass(
 				   "(same defaults, checks and docs) plus `gate_dims`. `history_rows` None or 0 keeps no history; "
 				   "`temperature_freeze` counts the block's own training forwards."})
 # Config key of each MoEBlock option (for the errors MoESettings raises about them).
+# The settings of the MoE heads alone (moe_*, gate_*): a run with use_moe=false is the same whatever they hold.
+MOE_ONLY = tuple(f.name for f in dataclasses.fields(MoESettings) if f.name.startswith(("moe_", "gate_")))
 BLOCK_KEYS = {f.metadata["block"]: f.name for f in dataclasses.fields(MoESettings) if f.metadata["block"]}
 # Settings a checkpoint must match (use_moe first).
 ARCHITECTURE = tuple(f.name for f in dataclasses.fields(MoESettings) if f.metadata["kind"] == SHAPE)

@@ -126,27 +126,41 @@ def freeze_experts(model):
 
 def recent_routing(block, rows):
 	"""
-	Returns {entropy: mean routing entropy, max_load: largest share of routing slots} over the
-	latest `rows` gate rows of `block` (device tensors, no host sync). Reading a few rows back from
-	the ring costs microseconds; statistics over the whole ring would cost a large part of an update.
-	Without a ring (gate_history_rows=0) the block's latest-batch statistics are returned.
+	Returns {entropy: mean routing entropy, max_load: largest share of routing slots, usage: [E] share
+	of routing slots per expert} over the latest `rows` gate rows of `block` (device tensors, no host
+	sync). Reading a few rows back from the ring costs microseconds; statistics over the whole ring
+	would cost a large part of an update. Without a ring (gate_history_rows=0) the block's
+	latest-batch statistics are returned.
 	"""
 	stats = block.stats() if block.history is None else block.history.stats(last=rows)
-	return {"entropy": stats["entropy"], "max_load": stats["max_load"]}
+	return {"entropy": stats["entropy"], "max_load": stats["max_load"], "usage": stats["usage"]}
 
 
 def moe_metrics(model, rows):
 	"""
-	Returns {moe_aux_loss: summed aux loss of each head's latest forward, moe_entropy: mean routing
-	entropy, moe_max_load: largest expert usage share, both over each head's latest `rows` gate rows}
-	as device tensors, or {} when the model has no MoE head.
+	Returns the update's routing metrics as device tensors (no host sync), or {} when the model has no
+	MoE head. Over all heads: `moe_aux_loss` (the heads' aux losses of their latest forward, summed),
+	`moe_entropy` (mean routing entropy), `moe_max_load` (largest expert usage share). Per head:
+	`moe_aux_loss/<head>`, `moe_entropy/<head>`, `moe_max_load/<head>`, `moe_temperature/<head>` and
+	`moe_usage/<head>/<expert>` (that expert's share of the routing slots). Entropy and usage are over
+	each head's latest `rows` gate rows. Upstream's logger sends every entry to wandb with its losses.
 	"""
-	blocks = list(moe_blocks(model).values())
+	blocks = moe_blocks(model)
 	if not blocks:
 		return {}
-	recent = [recent_routing(b, rows) for b in blocks]
-	return {
-		"moe_aux_loss": torch.stack([b.last_aux_loss for b in blocks]).sum(),
-		"moe_entropy": torch.stack([r["entropy"] for r in recent]).mean(),
-		"moe_max_load": torch.stack([r["max_load"] for r in recent]).max(),
+	recent = {head: recent_routing(block, rows) for head, block in blocks.items()}
+	out = {
+		"moe_aux_loss": torch.stack([b.last_aux_loss for b in blocks.values()]).sum(),
+		"moe_entropy": torch.stack([r["entropy"] for r in recent.values()]).mean(),
+		"moe_max_load": torch.stack([r["max_load"] for r in recent.values()]).max(),
 	}
+	for head, block in blocks.items():
+		# Copies: the block's aux loss and temperature are buffers that the next forward (planning
+		# included) overwrites before upstream's logger reads the info dict at the episode's end.
+		out[f"moe_aux_loss/{head}"] = block.last_aux_loss.clone()
+		out[f"moe_entropy/{head}"] = recent[head]["entropy"]
+		out[f"moe_max_load/{head}"] = recent[head]["max_load"]
+		out[f"moe_temperature/{head}"] = block.router.temperature.clone()
+		for expert, share in enumerate(recent[head]["usage"].unbind()):
+			out[f"moe_usage/{head}/{expert}"] = share
+	return out
