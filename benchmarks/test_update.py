@@ -51,9 +51,12 @@ VARIANTS = {
 	# Compute-matched (docs/design.md 16): 8 experts at half of mlp_dim, top-2: fewer active multiply-adds than plain.
 	"moe_matched": ["use_moe=true", "moe_experts=8", "moe_top_k=2", "moe_expert_dim=192", NO_MONITOR],
 	"leaky_fork_preset": ["use_moe=true", "moe_preset=fork", NO_MONITOR],
+	# deterministic=true (docs/long_runs.md "Reproducible runs"): its cost beside plain and moe_no_bookkeeping.
+	"plain_deterministic": ["use_moe=false", NO_MONITOR, "deterministic=true"],
+	"moe_deterministic": ["use_moe=true", *E4K2, NO_MONITOR, "deterministic=true"],
 }
 ACT_VARIANTS = ["plain", "moe_no_bookkeeping", "moe_matched", "moe_e4k2_dense", "moe_e4k2_sparse", "leaky_fork", "moe_e8k1_dense", "moe_e8k1_sparse",
-				"leaky_fork_e8k1", "fork_preset", "leaky_fork_preset"]
+				"leaky_fork_e8k1", "fork_preset", "leaky_fork_preset", "plain_deterministic", "moe_deterministic"]
 
 
 def head_cost(model):
@@ -82,6 +85,14 @@ def _resident_mb():
 	except (OSError, AttributeError):
 		pass
 	return psutil.Process().memory_info().rss / 2 ** 20
+
+
+@pytest.fixture(autouse=True)
+def _not_deterministic_after():
+	"""deterministic=true switches the whole process: every benchmark ends with it off again."""
+	yield
+	torch.use_deterministic_algorithms(False)
+	torch.backends.cudnn.deterministic = False
 
 
 @pytest.fixture(scope="module")

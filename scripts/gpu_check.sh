@@ -5,7 +5,8 @@
 # Steps: build the CUDA extension in place against the torch already installed (no pip, no network);
 # the device-parametrised and CUDA-only tests on cuda; compute-sanitizer memcheck, racecheck and
 # synccheck on a small workload; CUDA-graph capture and replay of forward + history + backward; the
-# gating / MoEBlock / update benchmarks on cuda; 4 tiny TD-MPC2 runs packed on the GPU by Ray. Each step has a time limit (the whole run stays under
+# gating / MoEBlock / update benchmarks on cuda; 4 tiny TD-MPC2 runs packed on the GPU by Ray; two
+# deterministic=true CUDA runs that must be equal. Each step has a time limit (the whole run stays under
 # 10 minutes on one H100: GPU_CHECK_BUDGET) and a failed step does not stop the others; $OUT/summary.txt lists each
 # step's result and the exit status is nonzero if any step failed. At most 8 files are written to $OUT.
 # Environment: PYTHON (default python3), OUT, GPU_CHECK_BUDGET (seconds for the whole run, default 570),
@@ -167,6 +168,27 @@ else
 	mkdir -p "$WORK/packed"
 	step packed_sweep 150 "$OUT/bench.log" "$PY -m py_compile $WORK/check_packed.py && ls $TDMPC2_ROOT >/dev/null" -- \
 		bash -c "cd $WORK/packed && $PY -m tdmpc2_moe train --tdmpc2 $TDMPC2_ROOT -m $TINY seed=1,2,3,4 hydra/launcher=ray hydra.launcher.ray.init.num_gpus=1 hydra.launcher.ray.init.include_dashboard=false hydra.launcher.ray.remote.num_gpus=0.25 && $PY $WORK/check_packed.py $WORK/packed"
+fi
+
+# deterministic_runs: the same short CUDA run twice with deterministic=true (one after the other, fresh
+# processes): eval.csv and the final parameters must be equal to the bit.
+cat >"$WORK/check_same_runs.py" <<'PY'
+"""Checks that two runs' eval.csv are equal and their models/final.pt bit-identical."""
+import pathlib, sys, torch
+a, b = (pathlib.Path(p) for p in sys.argv[1:3])
+assert (a / "eval.csv").read_text() == (b / "eval.csv").read_text(), "eval.csv differs"
+ma, mb = (torch.load(p / "models" / "final.pt", weights_only=True)["model"] for p in (a, b))
+differ = [k for k, v in ma.items() if isinstance(v, torch.Tensor) and not torch.equal(v, mb[k])]
+print("eval.csv equal;", len(differ), "of", len(ma), "parameters differ", differ[:5])
+assert not differ
+PY
+if [ -z "${TDMPC2_ROOT:-}" ] || ! "$PY" -c "import dm_control, hydra" 2>/dev/null; then
+	note "SKIP  deterministic_runs: needs TDMPC2_ROOT (a TD-MPC2 checkout) and upstream's packages"
+else
+	DET="task=cartpole-balance seed=3 steps=1000 eval_freq=500 seed_steps=500 compile=false model_size=1 batch_size=64 num_samples=64 num_elites=8 num_pi_trajs=8 iterations=2 eval_episodes=1 enable_wandb=false save_video=false save_agent=true use_moe=true moe_dispatch=sparse deterministic=true exp_name=det"
+	mkdir -p "$WORK/det_a" "$WORK/det_b"
+	step deterministic_runs 200 "$OUT/bench.log" "$PY -m py_compile $WORK/check_same_runs.py && ls $TDMPC2_ROOT >/dev/null" -- \
+		bash -c "for d in det_a det_b; do (cd $WORK/\$d && $PY -m tdmpc2_moe train --tdmpc2 $TDMPC2_ROOT $DET) || exit 1; done && $PY $WORK/check_same_runs.py $WORK/det_a/logs/cartpole-balance/3/det $WORK/det_b/logs/cartpole-balance/3/det"
 fi
 
 note "result: $([ $FAILED = 0 ] && echo all steps passed || echo some steps FAILED)"

@@ -20,6 +20,9 @@ def test_dry_run_checks_every_step(tmp_path):
 	assert result.returncode == 0, summary + result.stderr
 	for step in STEPS:
 		assert f"ok    {step} " in summary, (step, summary)
+	# The training steps need a TD-MPC2 checkout and upstream's packages: checked, or skipped saying so.
+	for step in ("packed_sweep", "deterministic_runs"):
+		assert f"ok    {step} " in summary or f"SKIP  {step}: needs TDMPC2_ROOT" in summary, (step, summary)
 	# Every command the real run would execute is named, with the pieces the GPU run relies on.
 	logs = "".join((tmp_path / f).read_text() for f in ("build.log", "tests.log", "sanitizer.log", "bench.log"))
 	for piece in ("build_ext --inplace", "TDMPC2_MOE_CUDA=1", "test_cuda.py", "compute-sanitizer --tool memcheck",

@@ -74,13 +74,15 @@ def describe(launcher, gpus, threads):
 
 def run_device(device):
 	"""
-	Returns what a run's run.json records of where it ran: the torch device it trained on, the GPUs it
-	saw (CUDA_VISIBLE_DEVICES), its GPU's name, the EGL device and its torch threads.
+	Returns what a run's run.json records of where and how it ran: the torch device it trained on, the
+	GPUs it saw (CUDA_VISIBLE_DEVICES), its GPU's name, the EGL device, its torch threads and whether
+	torch ran deterministic algorithms (`deterministic=true`).
 	"""
 	import torch
 	out = {"device": str(device) if device is not None else "cuda:0",
 		   "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-		   "egl_device": os.environ.get("MUJOCO_EGL_DEVICE_ID"), "torch_threads": torch.get_num_threads()}
+		   "egl_device": os.environ.get("MUJOCO_EGL_DEVICE_ID"), "torch_threads": torch.get_num_threads(),
+		   "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
 	if out["device"].startswith("cuda") and torch.cuda.is_available():
 		out["gpu_name"] = torch.cuda.get_device_name(torch.device(out["device"]))
 	return out

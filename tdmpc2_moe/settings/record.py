@@ -125,6 +125,8 @@ class MoESettings:
 									  "README \"Long runs\")", boolean)
 	resume: bool = setting(False, "continue from work_dir/checkpoints/latest.pt (starts at step 0 when there is none)",
 						   boolean)
+	deterministic: bool = setting(False, "deterministic torch: use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, "
+								  "cuDNN flags (for CUDA runs; seeded CPU runs repeat without it; docs/long_runs.md)", boolean)
 	sweep_threads: int = setting(1, "torch threads of each job of a sweep (OMP_NUM_THREADS, MKL_NUM_THREADS of its "
 								 "process; 0: as the environment sets them)", integer(0))
 	sweep_gpus: tuple = setting(None, "GPUs the jobs of a sweep on this node get, one each, round-robin (null: every GPU "

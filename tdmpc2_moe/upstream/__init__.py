@@ -1,7 +1,8 @@
 """
 The TD-MPC2 side: finding, activating and configuring a checkout (`checkout`), what `patch()` changes in
 it (`patching`, with the reversible-setattr log and import hook of `_hooks`), running its hard-coded
-`cuda:0` code on another device (`device`), and which of its heads become MoE (`heads`).
+`cuda:0` code on another device (`device`), which of its heads become MoE (`heads`), and the
+deterministic mode a patched agent can be built in (`determinism`).
 
 Imports the layers below (`settings`, `ops`, `block`, `analysis`); never `runs` or `cli`.
 """

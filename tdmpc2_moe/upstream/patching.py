@@ -9,7 +9,7 @@ What `patch()` changes in an unmodified TD-MPC2 checkout, and nothing else.
   construction, so a head that could not be identified raises instead of silently staying plain.
 - `WorldModel.__init__`: the above, plus `moe_init_experts` / `moe_freeze_experts`.
   `WorldModel.soft_update_target_Q`: also computes the update's MoE metrics (see below).
-- `TDMPC2`: `__init__` (device, `memory_monitor`), `_update` (MoE metrics as tensors, computed in
+- `TDMPC2`: `__init__` (device, `memory_monitor`, `deterministic=true`: determinism.py), `_update` (MoE metrics as tensors, computed in
   the compiled graph that ends upstream's `_update`, so the plugin adds no graph; patched at class
   level, so `compile=true` compiles the patched function), `update` (steps the monitor and the
   gate snapshots, outside the compiled region), `save` / `load` (MoE settings next to the weights), and the new
@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from . import _hooks
+from . import _hooks, determinism
 from ..settings.config_keys import check_checkpoint
 from .device import torch_on
 from ..analysis.gate_snapshots import GateSnapshots
@@ -87,6 +87,7 @@ def _agent_init(original, module):
 	@functools.wraps(original)
 	def __init__(self, cfg):
 		settings = MoESettings.resolve(cfg, **_state["keywords"])
+		determinism.apply(settings.deterministic)
 		with torch_on(module, settings.device):
 			original(self, cfg)
 		interval = settings.monitor_mem_interval

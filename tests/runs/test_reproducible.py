@@ -5,6 +5,7 @@ Seeded runs repeat to the bit on the CPU (docs/long_runs.md "Reproducible runs")
 two runs side by side) and with two (one after the other). Before the fix the runs parted at the first seed-phase random action
 (scripts/repro_trace.py shows where two runs part).
 """
+import json
 import os
 import subprocess
 import sys
@@ -49,10 +50,18 @@ def _finished(proc):
 		assert proc.returncode == 0, out[-3000:]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_the_same_command_twice_gives_the_same_run(tdmpc2_root, tmp_path, variant, threads):
-	a, b = _train_twice(tdmpc2_root, tmp_path, threads, VARIANTS[variant])
+CASES = [(variant, threads, []) for variant in sorted(VARIANTS) for threads in (1, 2)]
+# deterministic=true (made for CUDA runs): on the CPU too the run repeats, and run.json says it was on.
+CASES.append(("moe-sparse", 1, ["deterministic=true"]))
+
+
+@pytest.mark.parametrize("variant, threads, extra", CASES,
+						 ids=[f"{v}-{t}thread{'s' if t > 1 else ''}{'-deterministic' if e else ''}" for v, t, e in CASES])
+def test_the_same_command_twice_gives_the_same_run(tdmpc2_root, tmp_path, variant, threads, extra):
+	a, b = _train_twice(tdmpc2_root, tmp_path, threads, [*VARIANTS[variant], *extra])
+	for run in (a, b):
+		recorded = json.loads((run / "run.json").read_text())
+		assert (recorded["torch_threads"], recorded["deterministic_algorithms"]) == (threads, bool(extra))
 	rows = (a / "eval.csv").read_text()
 	assert rows == (b / "eval.csv").read_text()
 	assert len(rows.strip().splitlines()) == 1 + 3  # header, then steps 0, 500, 1000
