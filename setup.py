@@ -22,9 +22,13 @@ _spec.loader.exec_module(extension)
 
 
 class BuildPyWithSources(build_py):
-	"""build_py that also copies csrc/ into the built package as `_csrc/`."""
+	"""build_py that starts from an empty built package and copies csrc/ into it as `_csrc/`."""
 
 	def run(self):
+		# build_py only adds files to build/lib: a build/ left in the tree by an older checkout still
+		# holds modules moved or deleted since (the flat modules before the folder layout), and the
+		# wheel would ship them. Runs before build_ext, so the extension it compiles is kept.
+		shutil.rmtree(Path(self.build_lib) / "tdmpc2_moe", ignore_errors=True)
 		super().run()
 		shutil.copytree(ROOT / "csrc", Path(self.build_lib) / "tdmpc2_moe" / "_csrc", dirs_exist_ok=True)
 

@@ -1,6 +1,6 @@
 """
 `pip install .` as a user types it (pip's isolated build, no torch there): the wheel carries the C++
-sources, the first import compiles and caches the extension, and without a compiler the package
+sources and nothing a build/ of an older checkout left behind, the first import compiles and caches the extension, and without a compiler the package
 falls back to the reference with a warning. Also: benchmarks refuse to time the reference as fused.
 """
 import os
@@ -15,6 +15,7 @@ import pytest
 pytestmark = pytest.mark.slow  # builds, compiles, soaks or kills runs: minutes (pyproject.toml)
 
 REPO = Path(__file__).resolve().parent.parent
+STALE_MODULE = "flat_module_of_an_older_checkout.py"
 PROBE = ("import warnings, torch, tdmpc2_moe\n"
 		 "warnings.simplefilter('always')\n"
 		 "g = tdmpc2_moe.topk_gate(torch.randn(64, 8), 2)\n"
@@ -27,7 +28,20 @@ def installed_wheel(tmp_path_factory):
 	if not (REPO / "setup.py").is_file():
 		pytest.skip("needs the source tree (setup.py) next to tests/")
 	out = tmp_path_factory.mktemp("wheel")
-	build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out / "dist"), str(REPO)],
+	# The source tree as a user's checkout has it after updating one that was built before: build/lib
+	# still holds a module the new checkout does not have (as the flat modules before the layout move).
+	tree = out / "checkout"
+	tree.mkdir()
+	for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "csrc", "tdmpc2_moe"):
+		source = REPO / name
+		if source.is_dir():
+			shutil.copytree(source, tree / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+		else:
+			shutil.copy2(source, tree / name)
+	stale = tree / "build" / "lib" / "tdmpc2_moe" / STALE_MODULE
+	stale.parent.mkdir(parents=True)
+	stale.write_text("raise ImportError('a module of an older checkout')\n")
+	build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out / "dist"), str(tree)],
 						   capture_output=True, text=True, timeout=600)
 	assert build.returncode == 0, build.stderr[-3000:]
 	wheel = next((out / "dist").glob("tdmpc2_moe-*.whl"))
@@ -48,6 +62,8 @@ def test_isolated_wheel_carries_sources_and_no_prebuilt_extension(installed_whee
 	assert "tdmpc2_moe/_csrc/ops.cpp" in names and "tdmpc2_moe/_csrc/gate_row.h" in names
 	assert any(n.startswith("tdmpc2_moe/_csrc/cuda/") and n.endswith(".cu") for n in names)
 	assert not [n for n in names if n.endswith(".so")], "an isolated build cannot have compiled against torch"
+	assert f"tdmpc2_moe/{STALE_MODULE}" not in names, "what an older build left in build/lib is not shipped"
+	assert "tdmpc2_moe/ops/operators.py" in names
 
 
 def test_without_a_compiler_the_reference_runs_with_a_warning(installed_wheel, tmp_path):
