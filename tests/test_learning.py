@@ -1,9 +1,8 @@
 """
-The learning benchmark (benchmarks/learning/): its sweep script runs exactly the settings recorded
-next to the committed results, the committed results are in the layout `tdmpc2-moe compare` reads
-(migrate.py moved them there once) and `compare` over them gives the committed table, the run made
-again through the sweep had their settings, the measured timings' table, no import circle among the
-benchmark scripts, and the world-model fits on a tiny budget. Parts that build agents need a TD-MPC2 checkout ($TDMPC2_ROOT) and are skipped without one.
+The learning benchmark (benchmarks/learning/): its sweep script runs exactly the settings of the
+committed results (runs the sweep made), `compare` over them gives the committed table, the runs
+made again (rerun/) repeat their committed runs' returns to the bit, the measured timings' table, no
+import circle among the benchmark scripts, and the world-model fits on a tiny budget. Parts that build agents need a TD-MPC2 checkout ($TDMPC2_ROOT) and are skipped without one.
 """
 import ast
 import csv
@@ -26,7 +25,6 @@ LEARNING = REPO / "benchmarks" / "learning"
 RESULTS = LEARNING / "results"
 sys.path.insert(0, str(LEARNING))
 import measure  # noqa: E402
-import migrate  # noqa: E402
 import mt_fit  # noqa: E402
 import variants  # noqa: E402
 import wm_fit  # noqa: E402
@@ -35,10 +33,10 @@ import wm_fit  # noqa: E402
 COMPARE_ARGS = [str(RESULTS), "--by", "exp_name", "--at", "0", "1000", "2000", "3000", "4000"]
 
 
-def _committed_runs():
-	"""Returns {(task, seed, variant): config dict} of the committed runs."""
+def _committed_runs(root=RESULTS):
+	"""Returns {(task, seed, variant): whole composed config dict} of the runs under root."""
 	runs = {}
-	for path in sorted(RESULTS.glob("*/*/*/config.yaml")):
+	for path in sorted(root.glob("*/*/*/config.yaml")):
 		config = OmegaConf.to_container(OmegaConf.load(path))
 		runs[(config["task"], config["seed"], config["exp_name"])] = config
 	return runs
@@ -79,7 +77,8 @@ def test_sweep_script_trains_exactly_the_committed_runs(tmp_path):
 			swept[(config["task"], config["seed"], config["exp_name"])] = config
 	assert len(committed) == 24 and swept.keys() == committed.keys()
 	for run, config in swept.items():
-		assert config == committed[run], run
+		# A run's config.yaml is its whole composed config: every key the sweep passes has its value there.
+		assert {k: committed[run][k] for k in config} == config, run
 	assert last == ["compare", "logs", "--by", "exp_name", "--at", "0", "1000", "2000", "3000", "4000", "--out", "compare"]
 
 
@@ -102,7 +101,8 @@ def test_variants_are_the_settings_of_the_committed_runs():
 	for (task, seed, name), config in _committed_runs().items():
 		keys = [f"task={task}", f"seed={seed}", "steps=4000", "eval_freq=1000", f"exp_name={name}",
 				*variants.COMMON, *variants.VARIANTS[name]]
-		assert OmegaConf.to_container(OmegaConf.from_dotlist(keys)) == config, (task, seed, name)
+		given = OmegaConf.to_container(OmegaConf.from_dotlist(keys))
+		assert {k: config[k] for k in given} == given, (task, seed, name)
 
 
 def test_moe_variants_take_gate_snapshots_plain_does_not():
@@ -111,29 +111,32 @@ def test_moe_variants_take_gate_snapshots_plain_does_not():
 		assert f"gate_snapshot_interval={variants.GATE_SNAPSHOT_EVERY}" in variants.VARIANTS[name]
 
 
-def test_committed_runs_are_finished_runs_of_their_recorded_command():
+def test_committed_runs_are_finished_runs_of_the_sweep():
 	for path in sorted(RESULTS.glob("*/*/*/run.json")):
 		info = json.loads(path.read_text())
-		argv = info["command"].split()
-		overrides = argv[argv.index("--tdmpc2") + 2:]
 		config = OmegaConf.to_container(OmegaConf.load(path.with_name("config.yaml")))
-		assert migrate.config_of(overrides) == config, path
+		assert {"horizon", "mpc", "task_dim", "buffer_size"} <= config.keys(), "upstream's whole composed config"
 		assert info["status"] == "finished" and info["steps"] == config["steps"] and info["wall_s"] > 0
 		with open(path.with_name("eval.csv")) as f:
-			steps = [int(r["step"]) for r in csv.DictReader(f)]
+			steps = [float(r["step"]) for r in csv.DictReader(f)]
 		assert steps == list(range(0, config["steps"] + 1, config["eval_freq"])), path
 		routing = path.with_name("routing_over_training.png").is_file()
 		assert routing == config["use_moe"], "every MoE run (and only those) has its routing plot"
 
 
-def test_the_run_made_again_through_the_sweep_had_the_committed_settings():
-	# rerun/ holds one run of `sweep.sh plain` (its whole composed config): every key of the committed
-	# run's command has the same value there, so what differs in its returns is not a setting.
-	rerun = OmegaConf.to_container(OmegaConf.load(LEARNING / "rerun" / "cartpole-balance" / "1" / "plain" / "config.yaml"))
-	committed = _committed_runs()[("cartpole-balance", 1, "plain")]
-	assert {k: rerun[k] for k in committed} == committed
-	runs, skipped = compare.read_runs([LEARNING / "rerun"])
-	assert not skipped and [s for s, _ in runs[0]["evals"]] == [0, 1000, 2000, 3000, 4000]
+def test_the_runs_made_again_repeat_their_committed_runs():
+	# rerun/ holds committed runs trained again later, alone, by `tdmpc2-moe train` without -m (README
+	# "Runs made again"): the committed settings, and upstream's eval.csv identical to the last digit.
+	reruns = _committed_runs(LEARNING / "rerun")
+	committed = _committed_runs()
+	assert {("cartpole-balance", 1, "plain"), ("walker-stand", 2, "moe")} <= reruns.keys()
+	for (task, seed, name), config in reruns.items():
+		before = committed[(task, seed, name)]
+		# Keys added to the options record after the committed runs are the only ones they lack.
+		assert {k: config[k] for k in before} == before, (task, seed, name)
+		assert config.keys() - before.keys() <= {"sweep_threads", "sweep_gpus", "deterministic"}
+		run = Path(task, str(seed), name, "eval.csv")
+		assert (LEARNING / "rerun" / run).read_text() == (RESULTS / run).read_text(), run
 
 
 def test_compare_over_the_committed_results_gives_the_committed_table(tmp_path, capsys):
@@ -149,47 +152,6 @@ def test_compare_over_the_committed_results_gives_the_committed_table(tmp_path, 
 	for readme in (LEARNING / "README.md", LEARNING.parent / "README.md"):
 		text = readme.read_text()
 		assert all(row in text for row in rows), readme
-
-
-def _old_runner_run(root, variant, seed, rewards, wall_s=60.0):
-	overrides = ["task=cartpole-balance", f"seed={seed}", "steps=1000", "eval_freq=500", f"exp_name={variant}",
-				 *variants.COMMON, *variants.VARIANTS[variant]]
-	d = root / "cartpole-balance" / variant
-	d.mkdir(parents=True, exist_ok=True)
-	(d / f"seed{seed}.csv").write_text("step,reward,seed\n" + "".join(
-		f"{s},{r:.1f},{seed}\n" for s, r in zip((0, 500, 1000), rewards)))
-	(d / f"seed{seed}.json").write_text(json.dumps(dict(
-		command="python -m tdmpc2_moe train --tdmpc2 /x " + " ".join(overrides), overrides=overrides,
-		wall_s=wall_s, rss=[[2.0, -1, 300.0]])))
-	return d
-
-
-def test_migrate_moves_old_runner_results_into_the_layout_compare_reads(tmp_path):
-	_old_runner_run(tmp_path, "plain", 1, (10.0, 20.0, 30.0))
-	moe = _old_runner_run(tmp_path, "moe", 1, (5.0, 15.0, 45.0), wall_s=120.0)
-	(moe / "seed1.routing.png").write_bytes(b"\x89PNG")
-	(moe / "seed1.routing.md").write_text("| update |\n")
-	(moe / "seed2.partial.csv").write_text("step,reward,seed\n0,1.0,2\n")
-	done, left = migrate.migrate(tmp_path)
-	assert [p.relative_to(tmp_path).as_posix() for p in done] == ["cartpole-balance/1/moe", "cartpole-balance/1/plain"]
-	assert left == [moe / "seed2.partial.csv"]
-	assert not (tmp_path / "cartpole-balance" / "plain").exists(), "the old files are gone"
-	new = tmp_path / "cartpole-balance" / "1" / "moe"
-	assert (new / "eval.csv").read_text() == "step,episode_reward\n0,5.0\n500,15.0\n1000,45.0\n"
-	assert (new / "routing_over_training.png").read_bytes() == b"\x89PNG" and (new / "routing_over_training.md").is_file()
-	info = json.loads((new / "run.json").read_text())
-	assert (info["status"], info["wall_s"], info["steps"], info["rss"]) == ("finished", 120.0, 1000, [[2.0, -1, 300.0]])
-	runs, skipped = compare.read_runs([tmp_path])
-	assert not skipped and {(r["config"]["exp_name"], r["evals"][-1]) for r in runs} == {("plain", (1000.0, 30.0)),
-																						  ("moe", (1000.0, 45.0))}
-	assert runs[0]["config"]["use_moe"] is True and runs[0]["config"]["moe_experts"] == 4
-
-
-def test_migrate_refuses_a_run_that_did_not_reach_its_steps(tmp_path):
-	d = _old_runner_run(tmp_path, "plain", 1, (10.0, 20.0, 30.0))
-	(d / "seed1.csv").write_text("step,reward,seed\n0,10.0,1\n500,20.0,1\n")
-	with pytest.raises(ValueError, match="ends at step 500, the run's steps are 1000"):
-		migrate.migrate(tmp_path)
 
 
 def test_measure_table_against_plain():

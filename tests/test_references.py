@@ -20,9 +20,8 @@ MD_PATH = re.compile(r"(?<![\w./-])((?:docs|benchmarks|tests|scripts|patches)/[\
 SOURCE_PATH = re.compile(r"(?<![\w./<-])((?:tdmpc2_moe|tests|benchmarks|scripts|csrc)/[\w./-]*\w(?:\.(?:py|sh|cpp|h|cu)\b|/))")
 DOTTED_MODULE = re.compile(r"(?<![\w.])tdmpc2_moe\.([a-z_]+)\b")
 # Cited paths that are not in a clone, on purpose: the sources inside an installed package (setup.py
-# copies csrc/ there), the git-ignored folder the learning runs are made in, and the runner that the
-# committed learning runs were made with (removed; migrate.py says how its files were moved).
-NOT_IN_A_CLONE = ("tdmpc2_moe/_csrc/", "benchmarks/learning/work/", "benchmarks/learning/learning.py")
+# copies csrc/ there) and the git-ignored folder the learning runs are made in.
+NOT_IN_A_CLONE = ("tdmpc2_moe/_csrc/", "benchmarks/learning/work/")
 DESIGN_SECTION = re.compile(r"docs/design\.md (?:sec\. )?(\d+[a-z]?)")
 
 
