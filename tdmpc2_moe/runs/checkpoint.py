@@ -114,16 +114,29 @@ def load(path):
 	path = Path(path)
 	if not path.is_file():
 		raise FileNotFoundError(f"no checkpoint at {path}")
-	damaged = f"{path} is truncated or corrupted and cannot be resumed from"
 	try:
 		saved = torch.load(path, map_location="cpu", weights_only=True)
 	except Exception as exc:  # noqa: BLE001 (a damaged file fails in zipfile, pickle or torch: all mean the same)
 		reason = (str(exc).strip().splitlines() or [""])[0][:160]
-		raise CheckpointError(f"{damaged} ({type(exc).__name__}: {reason}); delete it to start over") from None
-	if not isinstance(saved, dict) or saved.get("format") != FORMAT or "state" not in saved:
+		raise CheckpointError(f"{_damaged(path)} ({type(exc).__name__}: {reason}); delete it to start over") from None
+	if not _is_training_checkpoint(saved):
 		raise CheckpointError(f"{path} is not a tdmpc2-moe training checkpoint (format {FORMAT})")
+	return _checked_state(saved, path)
+
+
+def _damaged(path):
+	return f"{path} is truncated or corrupted and cannot be resumed from"
+
+
+def _is_training_checkpoint(saved):
+	"""Whether `saved` (what torch.load returned) is a file `atomic_save` wrote."""
+	return isinstance(saved, dict) and saved.get("format") == FORMAT and "state" in saved
+
+
+def _checked_state(saved, path):
+	"""Returns the state of `saved`, a training checkpoint read from `path`, after checking its checksum."""
 	if checksum(saved["state"]) != saved.get("crc32"):
-		raise CheckpointError(f"{damaged} (checksum mismatch); delete it to start over")
+		raise CheckpointError(f"{_damaged(path)} (checksum mismatch); delete it to start over")
 	return saved["state"]
 
 
@@ -266,7 +279,8 @@ def model_file(path):
 	except Exception as exc:  # noqa: BLE001 (zipfile, pickle and torch errors all mean an unreadable file)
 		raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
 							  f"{(str(exc).strip().splitlines() or [''])[0][:160]}") from None
-	if isinstance(saved, dict) and saved.get("format") == FORMAT and "state" in saved:
-		agent = load(path)["agent"]
+	if _is_training_checkpoint(saved):
+		# The file is read once: its agent state is checked against the checksum here, not loaded again.
+		agent = _checked_state(saved, path)["agent"]
 		return {"model": agent["model"], "moe": agent["moe"]}
 	return saved

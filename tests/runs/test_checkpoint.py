@@ -70,6 +70,26 @@ def test_missing_checkpoint_is_file_not_found(tmp_path):
 		checkpoint.load(tmp_path / "latest.pt")
 
 
+def test_model_file_takes_an_agent_save_or_a_training_checkpoints_checked_model(tmp_path):
+	model = {"_dynamics.weight": torch.arange(6.0).reshape(2, 3)}
+	saved = tmp_path / "final.pt"
+	torch.save({"model": model, "moe": None}, saved)
+	assert torch.equal(checkpoint.model_file(saved)["model"]["_dynamics.weight"], model["_dynamics.weight"])
+	latest = tmp_path / "latest.pt"
+	checkpoint.atomic_save({"agent": {"model": model, "moe": {"use_moe": True}}, "step": 7}, latest)
+	loaded = checkpoint.model_file(latest)
+	assert loaded["moe"] == {"use_moe": True} and torch.equal(loaded["model"]["_dynamics.weight"], model["_dynamics.weight"])
+	# The training checkpoint's model is checked against its checksum: a changed weight is refused.
+	tampered = torch.load(latest, weights_only=True)
+	tampered["state"]["agent"]["model"]["_dynamics.weight"][0, 0] = 100.0
+	torch.save(tampered, latest)
+	with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch") as info:
+		checkpoint.model_file(latest)
+	assert str(latest) in str(info.value)
+	with pytest.raises(FileNotFoundError, match="no checkpoint"):
+		checkpoint.model_file(tmp_path / "missing.pt")
+
+
 def test_rng_state_restores_torch_numpy_python(tmp_path):
 	state = checkpoint.rng_state()
 	checkpoint.atomic_save({"rng": state}, tmp_path / "rng.pt")
