@@ -44,6 +44,19 @@ def node_gpus(sweep_gpus=None, environ=None, count=None):
 	return [str(i) for i in range(device_count() if count is None else count)]
 
 
+def launcher_name(launcher):
+	"""Returns the class name of a composed `hydra.launcher` config node, e.g. "JoblibLauncher"."""
+	return launcher._target_.rsplit(".", 1)[-1]
+
+
+def job_gpus(launcher, sweep_gpus=None):
+	"""
+	Returns the GPU ids the jobs of the launcher class named `launcher` are spread over: the node's
+	(node_gpus) for launchers that run jobs here, [] for Ray and SLURM, which assign GPUs themselves.
+	"""
+	return node_gpus(sweep_gpus) if launcher in LOCAL_LAUNCHERS else []
+
+
 def job_environment(num, launcher, gpus, threads, environ=None):
 	"""
 	Returns the variables {name: value} to set in the environment of job number `num` started by the

@@ -147,7 +147,7 @@ def check_resources(launcher, settings, gpu_count=None):
 	with a launcher that runs jobs here and no GPU, or Ray's `remote.num_gpus` on a local Ray without
 	GPUs (the jobs would wait forever). A Ray cluster (`init.address` set) is not checked here.
 	"""
-	name = launcher._target_.rsplit(".", 1)[-1]
+	name = placement.launcher_name(launcher)
 	gpus = placement.device_count() if gpu_count is None else gpu_count
 	if gpus:
 		return
@@ -188,8 +188,8 @@ def run(overrides, path=None):
 	launcher, sweep_dir = hydra_cfg.launcher, Path(str(hydra_cfg.sweep.dir))
 	check_resources(launcher, settings)
 	os.environ.setdefault("MUJOCO_GL", "egl")
-	name = launcher._target_.rsplit(".", 1)[-1]
-	gpus = placement.node_gpus(settings[0].sweep_gpus) if name in placement.LOCAL_LAUNCHERS else []
+	name = placement.launcher_name(launcher)
+	gpus = placement.job_gpus(name, settings[0].sweep_gpus)
 	print(f"tdmpc2-moe sweep: {len(jobs)} jobs on {name}, in {sweep_dir}; "
 		  f"{placement.describe(name, gpus, settings[0].sweep_threads)}", flush=True)
 	with tempfile.TemporaryDirectory() as tmp:

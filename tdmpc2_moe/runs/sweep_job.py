@@ -112,8 +112,8 @@ def job(cfg):
 		if job_key(overrides) in same_as:
 			record.update(status=SAME_RUN, same_as=same_as[job_key(overrides)])
 			return _finish(record, hc)
-		launcher = hc.launcher._target_.rsplit(".", 1)[-1]
-		gpus = placement.node_gpus(settings.sweep_gpus) if launcher in placement.LOCAL_LAUNCHERS else []
+		launcher = placement.launcher_name(hc.launcher)
+		gpus = placement.job_gpus(launcher, settings.sweep_gpus)
 		record["environment"] = placement.job_environment(hc.job.num, launcher, gpus, settings.sweep_threads)
 		record["ray_resources"] = _ray_resources()
 		code, last_line = train_in_own_process(sweep.checkout, command, record["environment"], hc.runtime.cwd)

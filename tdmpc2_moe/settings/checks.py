@@ -83,18 +83,23 @@ def bounds(name, value):
 	return low, high
 
 
+def _listed(name, value, expected):
+	"""Returns the items of `value`, a list (any iterable) or one comma-separated string, as a tuple; `expected` names it in the error."""
+	if isinstance(value, str):
+		value = [v.strip() for v in value.split(",") if v.strip()]
+	try:
+		return tuple(value)
+	except TypeError:
+		_fail(name, expected, value)
+
+
 def names(allowed=None, *, unique=False):
 	"""
 	Returns a check for a list of strings (or one comma-separated string), returned as a tuple (without
 	repeats when `unique`); with `allowed`, every name must be one of them.
 	"""
 	def check(name, value):
-		if isinstance(value, str):
-			value = [v.strip() for v in value.split(",") if v.strip()]
-		try:
-			items = tuple(value)
-		except TypeError:
-			_fail(name, "a list of strings", value)
+		items = _listed(name, value, "a list of strings")
 		if not all(isinstance(n, str) for n in items):
 			_fail(name, "a list of strings", value)
 		for item in items:
@@ -106,14 +111,8 @@ def names(allowed=None, *, unique=False):
 
 def gpu_ids(name, value):
 	"""Returns `value` (a list of GPU indices >= 0, or one comma-separated string of them) as a tuple of ints."""
-	if isinstance(value, str):
-		value = [v.strip() for v in value.split(",") if v.strip()]
-	try:
-		items = tuple(value)
-	except TypeError:
-		_fail(name, "a list of GPU indices (ints >= 0)", value)
 	ids = []
-	for item in items:
+	for item in _listed(name, value, "a list of GPU indices (ints >= 0)"):
 		if isinstance(item, str) and item.isdigit():
 			item = int(item)
 		if isinstance(item, bool) or not isinstance(item, int) or item < 0:
