@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..ops.reference import dense_routing
+from ..settings.checks import first_line
 from ..block.routing_stats import summarize
 
 
@@ -94,8 +95,7 @@ class VideoWriter:
 				self._writer = imageio.get_writer(self.path, fps=self.fps, macro_block_size=1)
 			self._writer.append_data(np.asarray(frame))
 		except Exception as exc:
-			lines = str(exc).strip().splitlines()
-			self.problem = f"rendering failed ({type(exc).__name__}: {lines[0][:200] if lines else ''}); " \
+			self.problem = f"rendering failed ({type(exc).__name__}: {first_line(exc, 200)}); " \
 						   "try MUJOCO_GL=egl or MUJOCO_GL=osmesa"
 			self.close()
 			if os.path.exists(self.path):

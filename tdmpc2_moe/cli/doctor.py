@@ -146,6 +146,7 @@ def check_patch_builds(pkg):
 	"""Returns a Finding on whether patch() builds a MoE agent (model_size 1, CPU) in checkout `pkg`."""
 	from ..upstream import patching, checkout
 	from ..upstream.heads import moe_blocks
+	from ..settings.checks import first_line
 	try:
 		patching.patch(device="cpu")
 		cfg = checkout.load_cfg(["task=walker-walk", "model_size=1", "compile=false", "use_moe=true", "device=cpu",
@@ -155,8 +156,7 @@ def check_patch_builds(pkg):
 		with contextlib.redirect_stdout(io.StringIO()):  # upstream prints its config while building
 			heads = sorted(moe_blocks(TDMPC2(cfg).model))
 	except Exception as exc:  # whatever upstream raises: the user needs its first line, not a traceback
-		lines = str(exc).strip().splitlines()
-		return Finding("error", f"patch() could not build a MoE agent: {type(exc).__name__}: {lines[0] if lines else ''}",
+		return Finding("error", f"patch() could not build a MoE agent: {type(exc).__name__}: {first_line(exc)}",
 					   "check the versions above and that the checkout is at the pinned commit")
 	finally:
 		patching.unpatch()

@@ -21,6 +21,7 @@ import torch
 
 from ..runs import fork_import
 from ..runs.fork_import import ForkImportError
+from ..settings.checks import first_line
 
 
 def _parser():
@@ -39,11 +40,6 @@ def _parser():
 	parser.add_argument("overrides", nargs="*", metavar="key=value",
 						help="config keys of the fork run, e.g. task=walker-walk model_size=5 steps=3000000")
 	return parser
-
-
-def _first_line(exc):
-	text = str(exc).strip().splitlines()
-	return (text[0] if text else type(exc).__name__)[:200]
 
 
 def _overrides(args, state):
@@ -65,8 +61,8 @@ def _shape_from_task(cfg, state):
 	except Exception as exc:  # noqa: BLE001 (a missing suite fails in many ways: import, registration, rendering)
 		if cfg.multitask:
 			raise ForkImportError(f"task={cfg.task}: TD-MPC2 could not make the environments of its tasks "
-								  f"({_first_line(exc)})") from None
-		reason = _first_line(exc)
+								  f"({first_line(exc, 200, type(exc).__name__)})") from None
+		reason = first_line(exc, 200, type(exc).__name__)
 	encoder = state.get("_encoder.state.0.weight")
 	pi_last = max((k for k in state if k.startswith("_pi.") and k.endswith(".weight")), default=None,
 				  key=lambda k: int(k.split(".")[1]))
@@ -86,15 +82,15 @@ def convert(args):
 	try:
 		cfg = checkout.load_cfg(overrides, args.tdmpc2)
 	except FileNotFoundError as exc:
-		raise ForkImportError(f"--tdmpc2: {_first_line(exc)}") from None
+		raise ForkImportError(f"--tdmpc2: {first_line(exc, 200, type(exc).__name__)}") from None
 	except Exception as exc:  # noqa: BLE001 (Hydra and upstream's parse_cfg raise many kinds)
-		raise ForkImportError(f"cannot compose the TD-MPC2 config with {args.overrides}: {_first_line(exc)}") from None
+		raise ForkImportError(f"cannot compose the TD-MPC2 config with {args.overrides}: {first_line(exc, 200, type(exc).__name__)}") from None
 	patching.patch(device="cpu")
 	try:
 		from ..settings.record import MoESettings
 		settings = MoESettings.resolve(cfg)
 	except ValueError as exc:
-		raise ForkImportError(_first_line(exc)) from None
+		raise ForkImportError(first_line(exc, 200, type(exc).__name__)) from None
 	for flag, tau in (("--tau-dynamics", args.tau_dynamics), ("--tau-reward", args.tau_reward)):
 		low, high = settings.moe_temperature_bounds
 		if not low <= tau <= high:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..analysis import gate_plots, gate_stats
+from ..settings.checks import first_line
 from ..settings.config_keys import checkpoint_overrides
 from ..upstream.heads import HEAD_PREFIX, moe_blocks
 from ..analysis.recording import GateRecorder, VideoWriter
@@ -38,11 +39,6 @@ _PLAY_DEFAULTS = ["compile=false", "enable_wandb=false", "save_video=false"]
 
 class PlayError(ValueError):
 	"""A bad input of `tdmpc2-moe play`, reported as one line on stderr."""
-
-
-def _first_line(exc):
-	text = str(exc).strip().splitlines()
-	return (text[0] if text else type(exc).__name__)[:200]
 
 
 def load_checkpoint(path):
@@ -125,9 +121,9 @@ def build(args, overrides):
 	try:
 		cfg = checkout.load_cfg(overrides, args.tdmpc2)
 	except FileNotFoundError as exc:
-		raise PlayError(f"--tdmpc2: {_first_line(exc)}") from None
+		raise PlayError(f"--tdmpc2: {first_line(exc, 200, type(exc).__name__)}") from None
 	except Exception as exc:
-		raise PlayError(f"cannot compose the TD-MPC2 config with overrides {args.overrides}: {_first_line(exc)}") from None
+		raise PlayError(f"cannot compose the TD-MPC2 config with overrides {args.overrides}: {first_line(exc, 200, type(exc).__name__)}") from None
 	tasks = select_tasks(args.tasks, cfg)
 	from common.seed import set_seed
 	from envs import make_env
@@ -138,12 +134,12 @@ def build(args, overrides):
 	except Exception as exc:
 		if cfg.multitask:
 			raise PlayError(f"task={cfg.task}: TD-MPC2 could not make the environments of its tasks "
-							f"({_first_line(exc)})") from None
-		raise PlayError(f"unknown task {cfg.task!r}: TD-MPC2 could not make its environment ({_first_line(exc)})") from None
+							f"({first_line(exc, 200, type(exc).__name__)})") from None
+		raise PlayError(f"unknown task {cfg.task!r}: TD-MPC2 could not make its environment ({first_line(exc, 200, type(exc).__name__)})") from None
 	try:
 		agent = TDMPC2(cfg)
 	except ValueError as exc:  # a bad plugin setting, named by the settings check
-		raise PlayError(_first_line(exc)) from None
+		raise PlayError(first_line(exc, 200, type(exc).__name__)) from None
 	return cfg, env, agent, tasks
 
 
@@ -272,7 +268,7 @@ def play(args):
 			agent.load(state)
 		except (ValueError, RuntimeError) as exc:
 			raise PlayError(f"--checkpoint {args.checkpoint!r} does not fit the agent built from the cfg "
-							f"(task={cfg.task}, model_size={cfg.get('model_size')}): {_first_line(exc)}") from None
+							f"(task={cfg.task}, model_size={cfg.get('model_size')}): {first_line(exc, 200, type(exc).__name__)}") from None
 		per_head, results, video_note = run(args, cfg, env, agent, out_dir, tasks)
 	finally:
 		if patched_here:

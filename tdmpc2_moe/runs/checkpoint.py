@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..settings.config_keys import check_checkpoint
+from ..settings.checks import first_line
 
 FORMAT = 1
 FILENAME = "latest.pt"
@@ -117,7 +118,7 @@ def load(path):
 	try:
 		saved = torch.load(path, map_location="cpu", weights_only=True)
 	except Exception as exc:  # noqa: BLE001 (a damaged file fails in zipfile, pickle or torch: all mean the same)
-		reason = (str(exc).strip().splitlines() or [""])[0][:160]
+		reason = first_line(exc, 160)
 		raise CheckpointError(f"{_damaged(path)} ({type(exc).__name__}: {reason}); delete it to start over") from None
 	if not _is_training_checkpoint(saved):
 		raise CheckpointError(f"{path} is not a tdmpc2-moe training checkpoint (format {FORMAT})")
@@ -278,7 +279,7 @@ def model_file(path):
 		saved = torch.load(path, map_location="cpu", weights_only=True)
 	except Exception as exc:  # noqa: BLE001 (zipfile, pickle and torch errors all mean an unreadable file)
 		raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
-							  f"{(str(exc).strip().splitlines() or [''])[0][:160]}") from None
+							  f"{first_line(exc, 160)}") from None
 	if _is_training_checkpoint(saved):
 		# The file is read once: its agent state is checked against the checksum here, not loaded again.
 		agent = _checked_state(saved, path)["agent"]

@@ -22,6 +22,8 @@ import re
 
 import torch
 
+from ..settings.checks import first_line
+
 FORK_TEMPERATURE = 1.8
 """The temperature a fork checkpoint resumes with in the fork itself (its `moe_tau_init`)."""
 MOE_HEADS = ("_dynamics", "_reward")
@@ -51,7 +53,7 @@ def read(path):
 	except FileNotFoundError:
 		raise ForkImportError(f"{path}: no such file") from None
 	except Exception as exc:  # noqa: BLE001 (zipfile, pickle and torch errors all mean: not a readable checkpoint)
-		reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+		reason = first_line(exc, 160, type(exc).__name__)
 		raise ForkImportError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 	state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
 	if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

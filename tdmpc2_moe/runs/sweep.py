@@ -30,6 +30,7 @@ from . import placement, training
 from .sweep_job import JOB_FILE, SAME_RUN, SWEEP_NODE, job, job_key
 from ..settings.record import MOE_ONLY
 from ..settings.config_keys import config_defaults
+from ..settings.checks import first_line
 from ..upstream import checkout
 
 _NOT_VARIANT = ("task", "seed")
@@ -136,7 +137,7 @@ def check(jobs, path):
 		except training.CannotRun as exc:
 			raise SweepError(f"job {' '.join(overrides)}: {exc}", exit_code=1) from None
 		except (ValueError, HydraException) as exc:
-			raise SweepError(f"job {' '.join(overrides)}: {(str(exc).strip().splitlines() or [''])[0]}") from None
+			raise SweepError(f"job {' '.join(overrides)}: {first_line(exc)}") from None
 		out.append(settings)
 	return out
 
@@ -183,7 +184,7 @@ def run(overrides, path=None):
 	try:
 		hydra_cfg = compose_hydra(overrides, path)
 	except Exception as exc:  # noqa: BLE001 (Hydra's missing-plugin error and its kin)
-		raise SweepError(f"cannot compose the launcher ({(str(exc).strip().splitlines() or [''])[0]}); the "
+		raise SweepError(f"cannot compose the launcher ({first_line(exc)}); the "
 						 "launchers are the sweep extra: pip install .[sweep]") from None
 	launcher, sweep_dir = hydra_cfg.launcher, Path(str(hydra_cfg.sweep.dir))
 	check_resources(launcher, settings)

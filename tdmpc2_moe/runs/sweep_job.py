@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import placement
 from ..settings.record import MOE_ONLY, MoESettings
+from ..settings.checks import first_line
 
 JOB_FILE = "tdmpc2_moe_job.json"
 # The config node through which the sweep tells its jobs what they cannot read from their own config:
@@ -122,7 +123,7 @@ def job(cfg):
 		else:
 			record["error"] = f"exit code {code}: {last_line[:200]}"
 	except Exception as exc:  # noqa: BLE001 (a failing job is reported; the others go on)
-		record["error"] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+		record["error"] = f"{type(exc).__name__}: {first_line(exc, 200)}"
 	return _finish(record, hc)
 
 

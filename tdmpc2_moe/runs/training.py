@@ -31,6 +31,7 @@ from ..upstream import patching, checkout
 from . import checkpoint, placement, resume
 from ..upstream.device import torch_on
 from ..settings.record import MoESettings
+from ..settings.checks import first_line
 
 
 @contextlib.contextmanager
@@ -117,7 +118,7 @@ def episode_length(task, obs, path=None):
 	try:
 		return int(make_env(parsed).max_episode_steps)
 	except ValueError as exc:
-		raise ValueError(f"task={task}: {(str(exc).strip().splitlines() or [''])[0]}") from None
+		raise ValueError(f"task={task}: {first_line(exc)}") from None
 
 
 def check_seed_steps(cfg, settings, seed_steps, path=None):

@@ -5,6 +5,7 @@ each raises a ValueError that names the argument (or config key) and returns the
 `check_int` and `check_number` check one value. The lower-case factories (`boolean`, `integer`,
 `number`, `one_of`, `optional`, `bounds`, `names`) return such a check, `check(name, value)`, for a
 field of the settings record (record.py), so that each setting states its validation once.
+`first_line` is the one line of another error that the plugin's own one-line errors quote.
 """
 import math
 from collections.abc import Sequence
@@ -28,6 +29,15 @@ def check_number(name, value, *, positive):
 			or (value <= 0 if positive else value < 0):
 		raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
 	return float(value)
+
+
+def first_line(exc, limit=None, empty=""):
+	"""
+	Returns the first line of `exc`'s message (`empty` when it has none), cut to `limit` characters:
+	what a one-line error from the plugin quotes of an error raised under it.
+	"""
+	lines = str(exc).strip().splitlines()
+	return (lines[0] if lines else empty)[:limit]
 
 
 def _fail(name, expected, value):
