@@ -16,7 +16,7 @@ from tdmpc2_moe._moved import MOVED
 
 PACKAGE = REPO / "tdmpc2_moe"
 # Bottom to top (docs/architecture.md); a module may import its own layer and the ones before it.
-LAYERS = ("settings", "ops", "block", "analysis", "upstream", "runs", "cli")
+LAYERS = ("settings", "ops", "block", "analysis", "families", "upstream", "runs", "cli")
 FACE = {"__init__.py", "__main__.py", "_moved.py"}
 
 

@@ -13,6 +13,7 @@ evaluation short of the run's steps).
 """
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -127,8 +128,14 @@ def plot(task, variants, path):
 	plt.close(fig)
 
 
+def plot_name(task):
+	"""Returns the file name of `task`'s plot: the task with every run of characters a file name should not hold
+	(a Gymnasium id's `:` and `/`, as in gym:ALE/Pong-v5) made one `_`, then `.png`."""
+	return re.sub(r"[^A-Za-z0-9._-]+", "_", task) + ".png"
+
+
 def compare(dirs, out, by=None, at=None):
-	"""Reads, groups and writes compare.md, compare.csv and <task>.png into `out`; returns the lines to print."""
+	"""Reads, groups and writes compare.md, compare.csv and one `plot_name(task)` per task into `out`; returns the lines to print."""
 	runs, skipped = read_runs(dirs)
 	out = Path(out)
 	out.mkdir(parents=True, exist_ok=True)
@@ -141,8 +148,8 @@ def compare(dirs, out, by=None, at=None):
 		writer.writeheader()
 		writer.writerows(rows)
 	for task, variants in groups.items():
-		plot(task, variants, out / f"{task}.png")
+		plot(task, variants, out / plot_name(task))
 	lines = [f"read {len(runs)} runs under {', '.join(map(str, dirs))}; variants by {', '.join(keys) or 'nothing'}"]
 	lines += [f"skipped {p}: {why}" for p, why in skipped]
-	lines += [text, f"wrote {out / 'compare.md'}, {out / 'compare.csv'} and " + ", ".join(f"{t}.png" for t in groups)]
+	lines += [text, f"wrote {out / 'compare.md'}, {out / 'compare.csv'} and " + ", ".join(plot_name(t) for t in groups)]
 	return lines

@@ -8,6 +8,9 @@ Checks, each printed as one line (ok / warn / ERROR) with a fix under every prob
 - the kernels' self-check (tdmpc2_moe/ops/kernel_check.py) on every device it finds: the CPU and each GPU;
 - the TD-MPC2 checkout: found, and its commit against the pinned one;
 - whether patch() builds a MoE agent in that checkout (on the CPU, a small model);
+- each task family (DMC, Gymnasium MuJoCo, MyoSuite, HumanoidBench, Gymnasium ids, Meta-World, ManiSkill):
+  runs here, or why not and how to fix it, by making one environment of each in a process of its own
+  (upstream/family_probe.py; a family whose package is missing is named without one);
 - whether MuJoCo can render (only videos need it), in a subprocess with a time limit.
 Exit code 1 when a blocking problem (ERROR) was found, else 0.
 """
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 # The versions this plugin and upstream TD-MPC2 at the pinned commit were tested with (requirements.txt
 # pins the same; tests check that the two agree). Only tensordict is blocking: its newer releases break
 # upstream's Ensemble.
-KNOWN_GOOD = {"torch": "2.13.0", "tensordict": "0.8.3", "torchrl": "0.8.1", "dm-control": "1.0.16", "mujoco": "3.1.2"}
+KNOWN_GOOD = {"torch": "2.13.0", "tensordict": "0.8.3", "torchrl": "0.8.1", "dm-control": "1.0.20", "mujoco": "3.1.6"}
 BLOCKING = {"tensordict"}
 WHY = {"torch": "the tested release", "tensordict": "newer tensordict breaks upstream's Ensemble (common/layers.py)",
 	   "torchrl": "upstream's replay buffer (common/buffer.py) is built on it",
@@ -163,6 +166,43 @@ def check_patch_builds(pkg):
 	return Finding("ok", f"patch() builds a MoE agent (MoE heads: {', '.join(heads)})")
 
 
+_FAMILY_PROBE = "from tdmpc2_moe.upstream import family_probe; family_probe.main()"
+
+
+def check_families(pkg, timeout=300):
+	"""
+	Returns one Finding per task family (families/registry.py): ok with its example task's sizes and env
+	steps/s, or why it does not run here and the fix. Each family's example is made in a subprocess.
+	DMC failing is blocking (upstream's default tasks); another family is a warning (only its tasks need it).
+	"""
+	import json
+	from ..families.registry import FAMILIES
+	findings = []
+	for family in FAMILIES:
+		level = "error" if family.name == "DMC" else "warn"
+		why = family.missing()
+		if why:
+			findings.append(Finding(level, f"task family {family.name} ({family.names}): does not run here: {why}",
+									None if family.install in why else family.install))
+			continue
+		try:
+			out = subprocess.run([sys.executable, "-c", _FAMILY_PROBE, family.example, str(pkg)], capture_output=True,
+								 text=True, timeout=timeout, env=dict(os.environ, MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl")))
+			lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+			result = json.loads(lines[-1]) if lines else {"error": (out.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+		except subprocess.TimeoutExpired:
+			result = {"error": f"making {family.example} took over {timeout} s"}
+		if "ok" in result:
+			r = result["ok"]
+			findings.append(Finding("ok", f"task family {family.name} runs: {r['task']} has {r['obs_dim']} observation and "
+										  f"{r['action_dim']} action dims, {r['episode_length']}-step episodes, "
+										  f"{r['steps_per_s']:.0f} env steps/s"))
+		else:
+			findings.append(Finding(level, f"task family {family.name} ({family.names}): {family.example} does not run "
+										   f"here: {result['error']}", family.install))
+	return findings
+
+
 def check_rendering(timeout=120):
 	"""Returns a Finding on whether MuJoCo renders with MUJOCO_GL (default egl), tried in a subprocess."""
 	gl = os.environ.get("MUJOCO_GL", "egl")
@@ -178,7 +218,7 @@ def check_rendering(timeout=120):
 				   "try MUJOCO_GL=osmesa (apt-get install libosmesa6) or MUJOCO_GL=egl with a GPU driver")
 
 
-def diagnose(path=None, render=True):
+def diagnose(path=None, render=True, families=True):
 	"""Returns every Finding, in the order printed."""
 	findings = check_versions()
 	if installed_version("torch") is None:
@@ -189,6 +229,8 @@ def diagnose(path=None, render=True):
 	findings += checkout
 	if pkg is not None:
 		findings.append(check_patch_builds(pkg))
+		if families:
+			findings += check_families(pkg)
 	if render:
 		findings.append(check_rendering())
 	return findings
@@ -213,7 +255,8 @@ def main(argv=None):
 	parser = argparse.ArgumentParser(prog="tdmpc2-moe doctor", description=__doc__.split("\n\n")[0].strip())
 	parser.add_argument("--tdmpc2", metavar="PATH", default=None, help="TD-MPC2 checkout (default $TDMPC2_ROOT)")
 	parser.add_argument("--no-render", action="store_true", help="skip the rendering check")
+	parser.add_argument("--no-families", action="store_true", help="skip making one environment of each task family")
 	args = parser.parse_args(argv)
-	text, code = report(diagnose(args.tdmpc2, render=not args.no_render))
+	text, code = report(diagnose(args.tdmpc2, render=not args.no_render, families=not args.no_families))
 	print(text)
 	return code

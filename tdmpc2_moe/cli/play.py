@@ -14,9 +14,10 @@ Two series per head and step:
 Both are accumulated in device tensors and copied to the host once, at the end
 (`--show-weights` copies each step's rows to print them).
 
-A multitask checkpoint (task=mt30 or mt80) is played over the tasks `--tasks` names (default: all of
-the set), `--episodes` episodes each, with upstream's multitask environment (all of the set's
-environments are built, as upstream's evaluate.py does); the gate is probed with the task's index,
+A multitask checkpoint (task=mt30 or mt80, or a set of your own: task=<name> tasks=[t1,t2,...], as it was
+trained) is played over the tasks `--tasks` names (default: all of the set), `--episodes` episodes each,
+with upstream's multitask environment (all of the set's environments are built, as upstream's evaluate.py
+does); the gate is probed with the task's index,
 and the files and summary gain the per-task routing table and a task x expert heatmap.
 """
 import argparse
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from ..analysis import gate_plots, gate_stats
+from ..families.family import TaskError
 from ..settings.checks import first_line
 from ..settings.config_keys import checkpoint_overrides
 from ..upstream.heads import HEAD_PREFIX, moe_blocks
@@ -92,7 +94,8 @@ def select_tasks(spec, cfg):
 	"""
 	if not cfg.multitask:
 		if spec is not None:
-			raise PlayError(f"--tasks is for multitask checkpoints (task=mt30 or task=mt80), got task={cfg.task}")
+			raise PlayError(f"--tasks is for multitask checkpoints (task=mt30, task=mt80, or task=<name> tasks=[...]), "
+							f"got task={cfg.task}")
 		return [None]
 	if spec is None:
 		return list(range(len(cfg.tasks)))
@@ -131,6 +134,8 @@ def build(args, overrides):
 	set_seed(cfg.seed)
 	try:
 		env = make_env(cfg)
+	except TaskError as exc:  # the task family's own line (unknown name, missing package, refused space)
+		raise PlayError(str(exc)) from None
 	except Exception as exc:
 		if cfg.multitask:
 			raise PlayError(f"task={cfg.task}: TD-MPC2 could not make the environments of its tasks "
@@ -212,7 +217,8 @@ def parse_args(argv):
 		prog="tdmpc2-moe play",
 		description="Run a MoE TD-MPC2 checkpoint and record how each head's gate weighs the experts.",
 		epilog="Outputs in --out: weight_stats.npz, results.npz, summary.md, gates_<head>.png, video.mp4; "
-			   "multitask checkpoints (task=mt30 or mt80) add the per-task table and tasks_experts.png.")
+			   "multitask checkpoints (task=mt30, mt80, or task=<name> tasks=[...]) add the per-task table and "
+			   "tasks_experts.png.")
 	parser.add_argument("--tdmpc2", default=None, help="TD-MPC2 checkout (default: $TDMPC2_ROOT)")
 	parser.add_argument("--checkpoint", required=True, help="checkpoint saved by a patched agent")
 	parser.add_argument("--episodes", type=int, default=1, help="evaluation episodes (per task when multitask; default 1)")
@@ -261,7 +267,8 @@ def play(args):
 		embeddings = state.get("model", state).get("_task_emb.weight")
 		if embeddings is not None and not cfg.multitask:
 			raise PlayError(f"--checkpoint {args.checkpoint!r} is a multitask checkpoint ({embeddings.shape[0]} task "
-							f"embeddings); play it with task=mt30 or task=mt80")
+							f"embeddings); play it with the task set it was trained on (task=mt30, task=mt80, or "
+							f"task=<name> tasks=[...])")
 		if "moe" not in state:
 			state = dict(state, moe=agent.model.moe_settings.checkpoint_dict())
 		try:

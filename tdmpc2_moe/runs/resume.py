@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from ..families.task_sets import explicit_tasks
 from .checkpoint import (CheckpointError, agent_state, atomic_save, buffer_state, checkpoint_path, load,
 						 remove_stale_temporaries, restore_agent, restore_buffer, rng_state, set_rng_state)
 
@@ -169,10 +170,15 @@ def run_online(trainer, interval, with_buffer=False, resume=False):
 
 
 def check_supported(cfg, settings):
-	"""Raises ValueError when checkpointing or resume is asked for a run upstream trains offline (multitask)."""
-	if (settings.checkpoint_interval or settings.resume) and cfg.get("task") in ("mt30", "mt80"):
+	"""Raises ValueError when checkpointing or resume is asked for a multitask run (offline mt30/mt80, or an online task set)."""
+	if not (settings.checkpoint_interval or settings.resume):
+		return
+	if cfg.get("task") in ("mt30", "mt80"):
 		raise ValueError(f"checkpoint_interval and resume cover single-task online training; task={cfg.task} "
 						 "runs upstream's offline multitask trainer, which they do not support")
+	if explicit_tasks(cfg) is not None:
+		raise ValueError(f"checkpoint_interval and resume cover single-task online training; task={cfg.task} with "
+						 "tasks=[...] runs the online multitask trainer, which they do not support yet")
 
 
 @contextlib.contextmanager

@@ -16,10 +16,14 @@ Differences from running upstream `python train.py` (none needs an edit to the c
 - `checkpoint=PATH` (upstream's key, which its evaluate.py loads with `agent.load`) starts training
   from that model: the agent loads it right after it is built, before the first step. Only the
   world model comes from the file (what `agent.save` writes, or the model of a training checkpoint
-  `checkpoints/latest.pt`); optimiser state, replay buffer and step count start fresh. `resume=true` with a run checkpoint present restores that instead.
+  `checkpoints/latest.pt`); optimiser state, replay buffer and step count start fresh. `resume=true` with a run checkpoint present restores that instead;
+- the task may be of any family of families/ (HumanoidBench `humanoid_<id>`, any Gymnasium id `gym:<id>`,
+  upstream's MyoSuite tasks among upstream's), and `prepare` makes its environment once before any step
+  or file, so that a task that cannot run is refused with one line (exit 1);
+- `task=<name> tasks=[t1,t2,...]` trains a multitask agent over those tasks online (multitask_online.py;
+  upstream trains multitask agents offline only, from its mt30/mt80 datasets).
 """
 import contextlib
-import functools
 import importlib
 import json
 import os
@@ -29,6 +33,9 @@ from pathlib import Path
 from ..upstream import patching, checkout
 
 from . import checkpoint, placement, resume
+from .multitask_online import online_multitask_trainer
+from ..families import task_sets
+from ..families.family import TaskError
 from ..upstream.device import torch_on
 from ..settings.record import MoESettings
 from ..settings.checks import first_line
@@ -85,6 +92,14 @@ def _start_from(train_module, path):
 	return _replaced(train_module, "TDMPC2", loading)
 
 
+def _online_multitask(train_module, cfg):
+	"""While active, a run over a task set of the user's (`tasks=[...]`) trains online: upstream's train.py picks
+	its OfflineTrainer for every multitask cfg, which here is the online multitask trainer (multitask_online.py)."""
+	if task_sets.explicit_tasks(cfg) is None:
+		return contextlib.nullcontext()
+	return _replaced(train_module, "OfflineTrainer", lambda _: online_multitask_trainer(train_module.OnlineTrainer))
+
+
 def prepare(overrides, path=None):
 	"""
 	Returns (cfg, settings, seed_steps): the composed config, the plugin settings it holds and the
@@ -99,7 +114,7 @@ def prepare(overrides, path=None):
 	seed_steps = None if OmegaConf.is_missing(cfg, "seed_steps") else cfg.seed_steps
 	if seed_steps is not None and (isinstance(seed_steps, bool) or not isinstance(seed_steps, int) or seed_steps < 0):
 		raise ValueError(f"seed_steps must be an int >= 0, got {seed_steps!r}")
-	check_seed_steps(cfg, settings, seed_steps, path)
+	check_seed_steps(cfg, settings, seed_steps, check_environment(cfg, path))
 	return cfg, settings, seed_steps
 
 
@@ -107,30 +122,62 @@ class CannotRun(ValueError):
 	"""Settings that are each valid but cannot run together (found before any step); the message is one line."""
 
 
-@functools.cache
-def episode_length(task, obs, path=None):
-	"""Returns the episode length of `task` as upstream's make_env (of the checkout at `path`) builds it. Raises ValueError naming an unknown task."""
-	# Upstream's train.py defaults MUJOCO_GL to egl before its environments import their renderer; so here.
-	os.environ.setdefault("MUJOCO_GL", "egl")
-	from common.parser import parse_cfg
-	from envs import make_env
-	parsed = parse_cfg(checkout.compose([f"task={task}", f"obs={obs}", "model_size=1"], path))
-	try:
-		return int(make_env(parsed).max_episode_steps)
-	except ValueError as exc:
-		raise ValueError(f"task={task}: {first_line(exc)}") from None
+# (task, obs, episodic, env_module, tasks, checkout) -> the episode length of a run's environment, once
+# made: a sweep's combinations differ mostly in seeds and MoE keys, so each environment is made once.
+_environments_checked = {}
 
 
-def check_seed_steps(cfg, settings, seed_steps, path=None):
+def _plain(value):
+	return None if value is None else tuple(value) if not isinstance(value, str) else value
+
+
+def check_environment(cfg, path=None):
 	"""
-	Raises CannotRun when an explicit `seed_steps` is shorter than one episode of a single-task run
-	that upstream's own loop trains: its first update would read a replay buffer that holds no episode
-	yet (AttributeError: 'Buffer' object has no attribute '_buffer'). The loop with checkpoints
-	(`checkpoint_interval`, `resume`) waits for the first episode, so there it runs.
+	Makes the run's environment once with the patched `make_env` (as upstream's training will, with the
+	plugin's task families), before any step or file; returns its episode length (the first task's for a
+	multitask set; None for upstream's mt30/mt80, whose environments are upstream's DMC tasks). Raises
+	CannotRun with the family's one line: an unknown task (with the closest names), a family whose
+	package is missing (with its install command), what a family refuses.
 	"""
-	if seed_steps is None or cfg.task in ("mt30", "mt80") or settings.checkpoint_interval or settings.resume:
+	import copy
+	from omegaconf import OmegaConf, open_dict
+	if str(cfg.task) in task_sets.UPSTREAM_SETS and task_sets.explicit_tasks(cfg) is None:
+		return None
+	key = (str(cfg.task), str(cfg.obs), bool(cfg.get("episodic", False)), _plain(cfg.get("env_module", None)),
+		   _plain(task_sets.explicit_tasks(cfg)), None if path is None else str(path))
+	if key not in _environments_checked:
+		# Upstream's train.py defaults MUJOCO_GL to egl before its environments import their renderer; so here.
+		os.environ.setdefault("MUJOCO_GL", "egl")
+		patching.patch()
+		from common.parser import parse_cfg
+		from envs import make_env
+		probe = copy.deepcopy(cfg)
+		with open_dict(probe):
+			if OmegaConf.is_missing(probe, "model_size"):
+				probe.model_size = 1  # the environment does not depend on it; parse_cfg needs one
+		try:
+			parsed = parse_cfg(probe)
+			env = make_env(parsed)
+		except TaskError as exc:
+			raise CannotRun(str(exc)) from None
+		_environments_checked[key] = int(env.max_episode_steps)
+		# Closed now: a renderer left to the interpreter's exit outlives its EGL display (HumanoidBench's viewer).
+		with contextlib.suppress(AttributeError):  # upstream's DMC wrapper has no close
+			env.close()
+	return _environments_checked[key]
+
+
+def check_seed_steps(cfg, settings, seed_steps, length):
+	"""
+	Raises CannotRun when an explicit `seed_steps` is shorter than one episode (`length` steps) of a
+	single-task run that upstream's own loop trains: its first update would read a replay buffer that
+	holds no episode yet (AttributeError: 'Buffer' object has no attribute '_buffer'). The loop with
+	checkpoints (`checkpoint_interval`, `resume`) and the online multitask loop wait for the first
+	episode, so there it runs.
+	"""
+	if seed_steps is None or length is None or settings.checkpoint_interval or settings.resume \
+			or task_sets.explicit_tasks(cfg) is not None:
 		return
-	length = episode_length(str(cfg.task), str(cfg.obs), None if path is None else str(path))
 	if seed_steps < length:
 		raise CannotRun(f"seed_steps={seed_steps} is shorter than one episode of {cfg.task} ({length} steps): upstream's "
 						f"first update would read a replay buffer with no episode in it; use seed_steps={length} or more "
@@ -168,6 +215,7 @@ def run(cfg, settings, seed_steps=None):
 	start = time.time()
 	_write_run_files(cfg, settings, "running", start)
 	with torch_on(train_module, settings.device), _keep_seed_steps(train_module, seed_steps), \
-			_start_from(train_module, initial_checkpoint(cfg)), resume.resumable(train_module, settings):
+			_start_from(train_module, initial_checkpoint(cfg)), resume.resumable(train_module, settings), \
+			_online_multitask(train_module, cfg):
 		train_module.train(cfg)
 	_write_run_files(cfg, settings, "finished", start)

@@ -113,6 +113,8 @@ class MoESettings:
 	gate_snapshot_interval: int = setting(0, "updates between gate snapshots to work_dir/gates/step_<update>.npz + "
 										  ".png (0: none)", integer(0))
 	device: object = setting(None, "null: upstream's cuda:0; cpu trains without CUDA", resolve_device)
+	env_module: tuple = setting(None, "modules to import before a gym:<id> task is made (the ones that register its "
+								"environment), e.g. [my_lab.envs]", optional(names()))
 	moe_init_experts: tuple = setting((), "plain TD-MPC2 checkpoints, one per expert, to initialise experts from",
 									  names())
 	moe_freeze_experts: bool = setting(False, "train only the gates (experts frozen)", boolean)
@@ -165,8 +167,8 @@ class MoESettings:
 		settings = cls(**{**values, **explicit})
 		if settings.moe_gate_input == "task" and settings.use_moe and cfg is not None \
 				and cfg.get("multitask", None) is False:
-			raise ValueError("moe_gate_input=task needs a multitask agent (task=mt30 or mt80): the gate reads the "
-							 "task embedding, and a single-task agent has none; use moe_gate_input=input")
+			raise ValueError("moe_gate_input=task needs a multitask agent (task=mt30, mt80, or task=<name> tasks=[...]): "
+							 "the gate reads the task embedding, and a single-task agent has none; use moe_gate_input=input")
 		return settings
 
 	def _block_values(self):

@@ -15,6 +15,12 @@ What `patch()` changes in an unmodified TD-MPC2 checkout, and nothing else.
   gate snapshots, outside the compiled region), `save` / `load` (MoE settings next to the weights), and the new
   `clear_gate_history()` / `gate_stats()`.
 - `RunningScale.__init__`, `Buffer.__init__` / `Buffer._init`: run on `device` (see device.torch_on).
+- `envs.make_env`: also builds the plugin's task families (HumanoidBench `humanoid_<id>`, any Gymnasium
+  id `gym:<id>`), single-task and inside upstream's multitask wrapper, and turns what cannot run into
+  one line naming the task (families/make.py). `envs.wrappers.timeout.Timeout.max_episode_steps`: a
+  property upstream's MyoSuite, Meta-World and ManiSkill code can assign, as it does.
+- `common.parser.parse_cfg`: honours an explicit `tasks=[...]`, a multitask agent over those tasks
+  (families/task_sets.py).
 - `OnlineTrainer.__init__`: seeds the environment's action space with `cfg.seed`. Upstream's
   `set_seed` seeds python, numpy and torch but not gymnasium's action space, whose `sample()` (the
   seed phase's random actions) then draws from OS entropy: the one source that made two runs of the
@@ -39,6 +45,9 @@ from ..block.moe import MoEBlock
 from ..analysis.monitor import MemoryMonitor
 from ..settings.record import MoESettings
 from .checkout import PINNED_COMMIT
+from ..families.make import patched_make_env
+from ..families.task_sets import patched_parse_cfg
+from ..families.upstream_families import settable_max_episode_steps
 
 # (settings, cfg) of the WorldModel under construction when it uses MoE, else None (construction is
 # single-threaded).
@@ -252,9 +261,26 @@ def _patch_online_trainer(module):
 		_set(cls, "__init__", _trainer_init(cls.__init__))
 
 
+def _patch_envs(module):
+	if callable(getattr(module, "make_env", None)) and callable(getattr(module, "make_multitask_env", None)):
+		_set(module, "make_env", patched_make_env(module.make_env))
+
+
+def _patch_timeout(module):
+	cls = getattr(module, "Timeout", None)
+	if isinstance(cls, type) and isinstance(cls.__dict__.get("max_episode_steps"), property):
+		_set(cls, "max_episode_steps", settable_max_episode_steps())
+
+
+def _patch_parser(module):
+	if callable(getattr(module, "parse_cfg", None)) and isinstance(getattr(module, "TASK_SET", None), dict):
+		_set(module, "parse_cfg", patched_parse_cfg(module.parse_cfg, module.TASK_SET))
+
+
 _PATCHERS = {"common.layers": _patch_layers, "common.world_model": _patch_world_model,
 			 "common.scale": _patch_scale, "common.buffer": _patch_buffer, "tdmpc2": _patch_agent,
-			 "trainer.online_trainer": _patch_online_trainer}
+			 "trainer.online_trainer": _patch_online_trainer,
+			 "envs": _patch_envs, "envs.wrappers.timeout": _patch_timeout, "common.parser": _patch_parser}
 
 
 def patch(**settings):

@@ -181,3 +181,16 @@ def test_analyze_reproduces_the_task_table_and_heatmap(tmp_path, capsys):
 	assert (out / "summary.md").read_text().strip() == expected.strip()
 	with open(out / "tasks_experts.png", "rb") as f:
 		assert f.read(8) == PNG_MAGIC
+
+
+def test_compare_plots_tasks_whose_names_hold_a_path(tmp_path):
+	# Gymnasium ids hold ':' and '/' (gym:ALE/Pong-v5): the plot's file name must not make a directory of them.
+	from tdmpc2_moe.analysis import compare
+	for task in ("gym:ALE/Pong-v5", "walker-walk"):
+		run = tmp_path / "logs" / task / "1" / "default"
+		run.mkdir(parents=True)
+		(run / "eval.csv").write_text("step,episode_reward\n0,1.0\n100,2.0\n")
+		(run / "config.yaml").write_text(f"task: {task}\nseed: 1\nsteps: 100\neval_freq: 100\nexp_name: default\n")
+	lines = compare.compare([tmp_path / "logs"], tmp_path / "out")
+	assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["gym_ALE_Pong-v5.png", "walker-walk.png"]
+	assert lines[-1].endswith("gym_ALE_Pong-v5.png, walker-walk.png")

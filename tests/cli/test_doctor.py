@@ -11,6 +11,7 @@ import pytest
 import tdmpc2_moe
 from tdmpc2_moe.upstream import checkout
 from tdmpc2_moe.cli import doctor
+from tdmpc2_moe.families.registry import FAMILIES
 from conftest import REPO
 
 PACKAGE = Path(tdmpc2_moe.__file__).resolve().parent
@@ -92,7 +93,20 @@ def test_checkout_at_another_commit_is_named_and_a_broken_one_is_blocking(tmp_pa
 	assert code == 1
 
 
-def test_healthy_checkout_builds_a_moe_agent(tdmpc2_root):
+def test_healthy_checkout_builds_a_moe_agent_and_each_task_family_is_named(tdmpc2_root):
 	code, out = _doctor("--tdmpc2", str(tdmpc2_root))
 	assert "ok     patch() builds a MoE agent (MoE heads: dynamics, pi, reward)" in out
 	assert "ERROR" not in out and code == 0, out
+	# Each family made one environment (its sizes and speed), or says why not and how to fix it.
+	assert "ok     task family DMC runs: walker-walk has 24 observation and 6 action dims, 500-step episodes" in out
+	assert "ok     task family Gymnasium MuJoCo runs: mujoco-halfcheetah has 17 observation and 6 action dims" in out
+	assert "ok     task family Gymnasium runs: gym:Pendulum-v1 has 3 observation and 1 action dims, 200-step" in out
+	assert "warn   task family Meta-World (upstream's mw-*, e.g. mw-reach): does not run here: Meta-World is not " \
+		   "installed" in out
+	assert "warn   task family ManiSkill" in out and "does not run here: ManiSkill2 is not installed" in out
+	for family, example, sizes in [("MyoSuite", "myo-key-turn-hard", "93 observation and 39 action dims, 100-step"),
+								   ("HumanoidBench", "humanoid_h1hand-run-v0", "151 observation and 61 action dims, 1000-step")]:
+		installed = [f for f in FAMILIES if f.name == family][0].missing() is None
+		line = f"ok     task family {family} runs: {example} has {sizes}" if installed else \
+			f"warn   task family {family} "
+		assert line in out, out

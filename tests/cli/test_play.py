@@ -180,4 +180,5 @@ def test_multitask_checkpoint_on_a_single_task_is_one_line_error(tdmpc2_root, tm
 	code = cli_main(["play", "--tdmpc2", str(tdmpc2_root), "--checkpoint", str(path), "--out", str(tmp_path / "out"),
 					 "--device", "cpu", "task=walker-walk", "model_size=1"])
 	assert code == 1
-	assert "is a multitask checkpoint (30 task embeddings); play it with task=mt30" in _one_line_error(capsys)
+	assert "is a multitask checkpoint (30 task embeddings); play it with the task set it was trained on (task=mt30" \
+		in _one_line_error(capsys)
