@@ -260,6 +260,11 @@ if COMPILED:
 	torch.library.register_fake("tdmpc2_moe::routed_experts_backward", _routed_experts_backward_fake)
 
 
+def routed_experts_runs_on(device):
+	"""Returns whether the compiled routed_experts has a kernel for `device` (a torch.device)."""
+	return COMPILED and (device.type == "cpu" or (device.type == "cuda" and backend() == "cuda"))
+
+
 def routed_experts(x, indices, weights, params, activations, *, simnorm_dim=8):
 	"""
 	Runs a block's routed experts on their rows and returns the weighted combination: out[r] = sum_j
