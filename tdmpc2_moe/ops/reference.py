@@ -135,7 +135,7 @@ def expert_layer_reference(h, weight, bias, ln_weight, ln_bias, activation, simn
 	h = torch.nn.functional.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias)
 	if activation == "mish":
 		return torch.nn.functional.mish(h)
-	return torch.softmax(h.view(*h.shape[:-1], -1, simnorm_dim), -1).view(h.shape)
+	return torch.softmax(h.view(*h.shape[:-1], h.shape[-1] // simnorm_dim, simnorm_dim), -1).view(h.shape)
 
 
 def routed_experts_reference(x, indices, weights, params, activations, simnorm_dim=8):
