@@ -13,6 +13,10 @@ torch.cuda.synchronize(); see bench_device.py).
 	TDMPC2_ROOT=/path/to/tdmpc2 UPDATE_BENCH_ROUNDS=20 python -m pytest benchmarks/test_update.py \
 		--benchmark-json=update.json
 	python benchmarks/test_update.py update.json      # the table: medians, ratios to plain and to the leaky fork
+
+UPDATE_BENCH_CFG adds upstream overrides to every variant (e.g. "batch_size=64 num_samples=128": the
+learning benchmark's batch and planning samples). benchmarks/alternate.py runs one process per
+measurement, variants alternated, and tabulates their medians.
 """
 import ctypes
 import gc
@@ -33,7 +37,8 @@ from tdmpc2_moe.block.moe import MoEBlock
 ROUNDS = int(os.environ.get("UPDATE_BENCH_ROUNDS", "200"))
 ACT_ROUNDS = int(os.environ.get("ACT_BENCH_ROUNDS", "5"))
 WARMUP = 20
-CFG = ["task=walker-walk", "model_size=1", "compile=false", "steps=100000", f"device={DEVICE}"]
+CFG = ["task=walker-walk", "model_size=1", "compile=false", "steps=100000", f"device={DEVICE}",
+	   *os.environ.get("UPDATE_BENCH_CFG", "").split()]
 E4K2, E8K1 = ["moe_experts=4", "moe_top_k=2"], ["moe_experts=8", "moe_top_k=1"]
 NO_MONITOR = "monitor_mem_interval=0"
 VARIANTS = {
@@ -50,11 +55,15 @@ VARIANTS = {
 	"fork_preset": ["use_moe=true", "moe_preset=fork", NO_MONITOR],
 	# Compute-matched (docs/design.md 16): 8 experts at half of mlp_dim, top-2: fewer active multiply-adds than plain.
 	"moe_matched": ["use_moe=true", "moe_experts=8", "moe_top_k=2", "moe_expert_dim=192", NO_MONITOR],
+	# The same through the patched agent's own update (MoE metrics on, as a training run has them).
+	"moe_matched_patched": ["use_moe=true", "moe_experts=8", "moe_top_k=2", "moe_expert_dim=192", NO_MONITOR],
 	"leaky_fork_preset": ["use_moe=true", "moe_preset=fork", NO_MONITOR],
 	# deterministic=true (docs/long_runs.md "Reproducible runs"): its cost beside plain and moe_no_bookkeeping.
 	"plain_deterministic": ["use_moe=false", NO_MONITOR, "deterministic=true"],
 	"moe_deterministic": ["use_moe=true", *E4K2, NO_MONITOR, "deterministic=true"],
 }
+# The variants timed through the patched agent's own update and soft_update_target_Q (the others: upstream's).
+PATCHED_UPDATE = ("moe", "moe_matched_patched")
 ACT_VARIANTS = ["plain", "moe_no_bookkeeping", "moe_matched", "moe_e4k2_dense", "moe_e4k2_sparse", "leaky_fork", "moe_e8k1_dense", "moe_e8k1_sparse",
 				"leaky_fork_e8k1", "fork_preset", "leaky_fork_preset", "plain_deterministic", "moe_deterministic"]
 
@@ -169,7 +178,7 @@ def _agent(variant, monkeypatch):
 	from tdmpc2 import TDMPC2
 	torch.manual_seed(0)
 	agent = TDMPC2(cfg)
-	if variant != "moe":
+	if variant not in PATCHED_UPDATE:
 		# Upstream's own update functions on this agent: no MoE metrics, no monitor.
 		agent._update = types.MethodType(patching.original_of(TDMPC2, "_update"), agent)
 		agent.update = types.MethodType(patching.original_of(TDMPC2, "update"), agent)

@@ -1,7 +1,7 @@
 // The one autograd implementation of each op: C++ torch::autograd::Functions registered at the
-// Autograd key of the schemas themselves (tdmpc2_moe::topk_gate, topk_gate_record, orthonormalize). Eager calls,
-// torch.compile (AOTAutograd traces this Function's forward and backward into its joint graph, the
-// forward and backward ops then being opaque nodes with their Python fake kernels) and
+// Autograd key of the schemas themselves (tdmpc2_moe::topk_gate, topk_gate_record, orthonormalize,
+// routed_experts). Eager calls, torch.compile (AOTAutograd traces this Function's forward and backward
+// into its joint graph, the forward and backward ops then being opaque nodes with their Python fake kernels) and
 // torch.library.opcheck all go through it. It replaces a Python registration (register_autograd)
 // that cost more per call than the forward and backward kernels of a 512 x 8 gate together
 // (benchmarks/README.md, "autograd path").
@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "topk_gate.h"
 
@@ -155,6 +157,85 @@ at::Tensor orthonormalize_autograd(const at::Tensor& features, double eps) {
 	return OrthonormalizeFunction::apply(features, eps);
 }
 
+// routed_experts: the training forward keeps the grouping and every layer's input, normalised
+// pre-activation and 1 / sigma (routed_experts.h), which the backward op reads instead of recomputing the
+// experts' layers.
+
+using ExpertsFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef,
+		int64_t);
+using ExpertsTrainFn = std::tuple<at::Tensor, std::vector<at::Tensor>>(const at::Tensor&, const at::Tensor&,
+		const at::Tensor&, at::TensorList, at::IntArrayRef, int64_t);
+using ExpertsBackwardFn = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(const at::Tensor&,
+		const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t,
+		bool);
+
+const c10::TypedOperatorHandle<ExpertsFn>& experts_op() {
+	static const auto op =
+			c10::Dispatcher::singleton().findSchemaOrThrow("tdmpc2_moe::routed_experts", "").typed<ExpertsFn>();
+	return op;
+}
+
+const c10::TypedOperatorHandle<ExpertsTrainFn>& experts_train_op() {
+	static const auto op =
+			c10::Dispatcher::singleton().findSchemaOrThrow("tdmpc2_moe::routed_experts_train", "").typed<ExpertsTrainFn>();
+	return op;
+}
+
+const c10::TypedOperatorHandle<ExpertsBackwardFn>& experts_backward_op() {
+	static const auto op = c10::Dispatcher::singleton()
+			.findSchemaOrThrow("tdmpc2_moe::routed_experts_backward", "")
+			.typed<ExpertsBackwardFn>();
+	return op;
+}
+
+struct RoutedExpertsFunction : torch::autograd::Function<RoutedExpertsFunction> {
+	static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& indices,
+			const at::Tensor& weights, at::TensorList params, at::IntArrayRef activations, int64_t simnorm_dim) {
+		std::tuple<at::Tensor, std::vector<at::Tensor>> result;
+		{
+			const at::AutoDispatchBelowADInplaceOrView below_autograd;
+			result = experts_train_op().call(x, indices, weights, params, activations, simnorm_dim);
+		}
+		variable_list keep{x, indices, weights};
+		keep.insert(keep.end(), params.begin(), params.end());
+		const std::vector<at::Tensor>& saved = std::get<1>(result);
+		keep.insert(keep.end(), saved.begin(), saved.end());
+		ctx->save_for_backward(keep);
+		ctx->saved_data["activations"] = activations.vec();
+		ctx->saved_data["simnorm_dim"] = simnorm_dim;
+		ctx->saved_data["params"] = static_cast<int64_t>(params.size());
+		return std::get<0>(result);
+	}
+
+	static variable_list backward(AutogradContext* ctx, variable_list grads) {
+		const variable_list kept = ctx->get_saved_variables();
+		const int64_t n_params = ctx->saved_data["params"].toInt();
+		const std::vector<at::Tensor> params(kept.begin() + 3, kept.begin() + 3 + n_params);
+		const std::vector<at::Tensor> saved(kept.begin() + 3 + n_params, kept.end());
+		const std::vector<int64_t> activations = ctx->saved_data["activations"].toIntVector();
+		const bool input_grad = ctx->needs_input_grad(0);
+		auto [grad_x, grad_weights, grad_params] = experts_backward_op().call(grads[0], kept[0], kept[1], kept[2], params,
+				saved, activations, ctx->saved_data["simnorm_dim"].toInt(), input_grad);
+		variable_list out{input_grad ? grad_x : at::Tensor(), at::Tensor(), grad_weights};
+		out.insert(out.end(), grad_params.begin(), grad_params.end());
+		out.push_back(at::Tensor());  // activations
+		out.push_back(at::Tensor());  // simnorm_dim
+		return out;
+	}
+};
+
+at::Tensor routed_experts_autograd(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights,
+		at::TensorList params, at::IntArrayRef activations, int64_t simnorm_dim) {
+	bool any = x.requires_grad() || weights.requires_grad();
+	for (const at::Tensor& p : params) any = any || p.requires_grad();
+	// Without a graph to build the inference forward runs: nothing is kept.
+	if (!at::GradMode::is_enabled() || !any) {
+		const at::AutoDispatchBelowADInplaceOrView below_autograd;
+		return experts_op().call(x, indices, weights, params, activations, simnorm_dim);
+	}
+	return RoutedExpertsFunction::apply(x, indices, weights, params, activations, simnorm_dim);
+}
+
 }  // namespace
 }  // namespace tdmpc2_moe
 
@@ -164,4 +245,5 @@ TORCH_LIBRARY_IMPL(tdmpc2_moe, Autograd, m) {
 	m.impl("topk_gate", &tdmpc2_moe::topk_gate_autograd);
 	m.impl("topk_gate_record", &tdmpc2_moe::topk_gate_record_autograd);
 	m.impl("orthonormalize", &tdmpc2_moe::orthonormalize_autograd);
+	m.impl("routed_experts", &tdmpc2_moe::routed_experts_autograd);
 }

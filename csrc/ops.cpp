@@ -34,4 +34,15 @@ TORCH_LIBRARY(tdmpc2_moe, m) {
 	// forward from the features rather than keeping intermediates.
 	m.def("orthonormalize(Tensor features, float eps) -> Tensor");
 	m.def("orthonormalize_backward(Tensor grad, Tensor features, float eps) -> Tensor");
+	// A block's routed experts on their rows and the weighted combination (routed_experts.h). The public op
+	// is the inference forward; its autograd kernel runs routed_experts_train instead, which also returns
+	// what routed_experts_backward reads (`saved`), so that nothing is recomputed. The backward returns
+	// grad_x as [0] when input_grad is false (x needs no gradient: its GEMM is skipped).
+	m.def("routed_experts(Tensor x, Tensor indices, Tensor weights, Tensor[] params, int[] activations, "
+		  "int simnorm_dim) -> Tensor");
+	m.def("routed_experts_train(Tensor x, Tensor indices, Tensor weights, Tensor[] params, int[] activations, "
+		  "int simnorm_dim) -> (Tensor out, Tensor[] saved)");
+	m.def("routed_experts_backward(Tensor grad_out, Tensor x, Tensor indices, Tensor weights, Tensor[] params, "
+		  "Tensor[] saved, int[] activations, int simnorm_dim, bool input_grad) -> "
+		  "(Tensor grad_x, Tensor grad_weights, Tensor[] grad_params)");
 }

@@ -4,7 +4,14 @@ Sparse expert dispatch for MoEBlock (docs/design.md 5b): run only each row's top
 The N*k routing slots (row r's j-th choice is slot r*k + j) are grouped per expert from the gate's
 `indices` with torch ops: a stable argsort of the slots' expert ids gives the permutation, a
 scatter-add the per-expert counts. Each expert then runs on its rows only and the outputs come back
-with one weighted `index_add` over the rows. Two ways to run the groups:
+with one weighted `index_add` over the rows. Three ways to run the groups:
+
+- `run_fused`: the compiled operator `ops.routed_experts` (docs/design.md 22) does all of it in one call:
+  grouping, each expert's layers on exactly its rows, the weighted combination, and the backward. Static
+  shapes (traceable by torch.compile, CUDA-graph safe), so it serves the CPU, CUDA and compiled blocks
+  alike wherever the extension has a kernel for the device and the layers are ones it runs
+  (`fused_plan`); the two below remain for the others (the reference backend, other activations,
+  dropout while training, other dtypes).
 
 - `run_grouped`: one GEMM per layer per expert on exactly its rows. The group boundaries are read
   from a CPU tensor (`tensor_split` at the counts' cumulative sums), so the shapes depend on the
@@ -22,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..ops.operators import routed_experts, routed_experts_runs_on
 
 
 class Grouping(NamedTuple):
@@ -46,7 +54,7 @@ def static_path(device_type):
 	return device_type != "cpu" or torch.compiler.is_compiling()
 
 
-def choose(dispatch, *, static, grad, rows, n_experts, top_k, orthogonal):
+def choose(dispatch, *, static, grad, rows, n_experts, top_k, orthogonal, fused=False):
 	"""
 	Returns "dense" or "sparse" for a block's `dispatch` setting and the shape at hand; `static` says
 	which sparse path would run (`static_path`: the padded one, else the exact groups), `grad` whether
@@ -63,7 +71,11 @@ def choose(dispatch, *, static, grad, rows, n_experts, top_k, orthogonal):
 	"""
 	if dispatch != "auto":
 		return dispatch
-	if orthogonal or top_k == n_experts or rows == 0:
+	if orthogonal or rows == 0:
+		return "dense"
+	if fused:
+		return "sparse"
+	if top_k == n_experts:
 		return "dense"
 	if static:
 		if n_experts < 2 * top_k:
@@ -75,6 +87,36 @@ def choose(dispatch, *, static, grad, rows, n_experts, top_k, orthogonal):
 SPARSE_MIN_ROWS = 16
 SPARSE_MIN_ROWS_NARROW = 64
 PADDED_MIN_ROWS_GRAD = 1024
+
+
+def fused_plan(layers, x):
+	"""
+	Returns (params, activations, simnorm_dim), the arguments of ops.routed_experts for the expert layers
+	`layers` (ExpertLinear) on rows `x`, or None when the op cannot run them here: no compiled kernel for
+	x's device, a layer it does not run (ExpertLinear.fused_activation), or dtypes other than x's float32
+	or float64.
+	"""
+	if not routed_experts_runs_on(x.device) or x.dtype not in (torch.float32, torch.float64):
+		return None
+	params, activations, group = [], [], None
+	for layer in layers:
+		activation = layer.fused_activation()
+		if activation is None or layer.weight.dtype != x.dtype:
+			return None
+		if isinstance(activation, tuple):
+			activation, width = activation
+			if group not in (None, width):
+				return None
+			group = width
+		activations.append(activation)
+		params += layer.fused_params()
+	return params, activations, group or 1
+
+
+def run_fused(plan, x, gate):
+	"""Returns the top-k mixture of the experts of `plan` (`fused_plan`) for rows `x` [N, in] routed by `gate`."""
+	params, activations, group = plan
+	return routed_experts(x, gate.indices, gate.weights, params, activations, simnorm_dim=group)
 
 
 def _combine(y, rows, weights, n_rows):

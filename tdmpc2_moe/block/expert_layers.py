@@ -75,6 +75,28 @@ class ExpertLinear(nn.Module):
 			y = self.dropout(y)
 		return self.act(F.layer_norm(y, (self.out_features,), ln_weight, ln_bias))
 
+	def fused_activation(self):
+		"""
+		Returns what ops.routed_experts runs after this layer's Linear: "none" (a plain Linear), "mish", or
+		("simnorm", group width) for TD-MPC2's SimNorm (recognised by its class name and `dim`: softmax over
+		groups of `dim` features); None when the op cannot run this layer (another activation, or dropout
+		while training).
+		"""
+		if not self.norm:
+			return "none"
+		if self.dropout is not None and self.training:
+			return None
+		if type(self.act) is nn.Mish:
+			return "mish"
+		if type(self.act).__name__ == "SimNorm" and isinstance(getattr(self.act, "dim", None), int) and \
+				self.out_features % self.act.dim == 0:
+			return "simnorm", self.act.dim
+		return None
+
+	def fused_params(self):
+		"""Returns this layer's parameters as ops.routed_experts takes them: weight, bias (and LayerNorm weight, bias)."""
+		return [self.weight, self.bias, self.ln_weight, self.ln_bias] if self.norm else [self.weight, self.bias]
+
 	def forward_tiles(self, x, tile_expert):
 		"""
 		Returns [T_n, T, out] for tiles of rows `x` [T_n, T, in], tile t run by expert `tile_expert[t]`:

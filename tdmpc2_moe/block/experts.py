@@ -8,7 +8,7 @@ row) or sparse (each row's top-k experts only, dispatch.py). It takes the routin
 import torch
 import torch.nn as nn
 
-from .dispatch import choose, group_by_expert, run_expert, run_grouped, run_padded, static_path
+from .dispatch import choose, fused_plan, group_by_expert, run_expert, run_fused, run_grouped, run_padded, static_path
 from .expert_layers import ExpertLinear, SharedLinear
 from ..ops.operators import orthonormalize
 
@@ -71,11 +71,16 @@ class Experts(nn.Module):
 			x = layer(x)
 		return x
 
-	def dispatch_for(self, x):
-		"""Returns "dense" or "sparse": how the experts run the rows `x` [N, in_dim] (`dispatch.choose`)."""
+	def dispatch_for(self, x, fused=None):
+		"""
+		Returns "dense" or "sparse": how the experts run the rows `x` [N, in_dim] (`dispatch.choose`); `fused`
+		says whether the sparse form is the compiled op (None: whether `dispatch.fused_plan` finds it runs).
+		"""
 		o = self.options
+		if fused is None:
+			fused = not o.orthogonal and fused_plan(self.expert_layers, x) is not None
 		return choose(o.dispatch, static=static_path(x.device.type), grad=torch.is_grad_enabled(), rows=x.shape[0],
-					  n_experts=o.n_experts, top_k=o.top_k, orthogonal=o.orthogonal)
+					  n_experts=o.n_experts, top_k=o.top_k, orthogonal=o.orthogonal, fused=fused)
 
 	def forward(self, x, gate):
 		"""
@@ -83,12 +88,16 @@ class Experts(nn.Module):
 		`x` [N, in_dim] (with `orthogonal`, of their orthonormalised features; with `shared_head`,
 		passed through the shared last layer): [N, out_dim].
 		"""
-		if self.dispatch_for(x) == "sparse" and x.shape[0]:
-			grouping = group_by_expert(gate.indices, gate.weights, self.options.n_experts)
-			if static_path(x.device.type):
-				out = run_padded(self.expert_layers, x, grouping, self.options.n_experts)
+		plan = fused_plan(self.expert_layers, x) if not self.options.orthogonal else None
+		if self.dispatch_for(x, plan is not None) == "sparse" and x.shape[0]:
+			if plan is not None:
+				out = run_fused(plan, x, gate)
 			else:
-				out = run_grouped(self.expert_layers, x, grouping)
+				grouping = group_by_expert(gate.indices, gate.weights, self.options.n_experts)
+				if static_path(x.device.type):
+					out = run_padded(self.expert_layers, x, grouping, self.options.n_experts)
+				else:
+					out = run_grouped(self.expert_layers, x, grouping)
 		else:
 			out = self._dense(x, gate)
 		return self.layers[-1](out) if self.options.shared_head else out

@@ -197,3 +197,95 @@ def orthonormalize(features, *, eps=ORTHONORMALIZE_EPS):
 		_first_use(features)
 		return _orthonormalize(features, float(eps))
 	return orthonormalize_reference(features, float(eps))
+
+
+# --- Routed experts (docs/design.md 22) ---------------------------------------------------------------
+# A block's routed experts as one compiled op: grouping, every layer of each expert on its rows, the
+# weighted combination; its autograd in C++ (csrc/autograd.cpp) runs a training forward that keeps what
+# the backward op reads. The reference otherwise.
+from .reference import EXPERT_ACTIVATIONS, routed_experts_reference  # noqa: E402
+
+_ACTIVATION_CODES = {name: code for code, name in enumerate(EXPERT_ACTIVATIONS)}
+
+
+def _expert_widths(x, params, activations):
+	"""Returns the output width of each layer (fake kernels): params hold 2 tensors per plain layer, 4 per normed one."""
+	widths, p = [], 0
+	for code in activations:
+		torch._check_value(0 <= code <= 2, lambda: f"activations must be 0, 1 or 2, got {code}")
+		widths.append(params[p].shape[1])
+		p += 2 if code == 0 else 4
+	torch._check_value(p == len(params), lambda: f"params must hold {p} tensors for {len(activations)} layers, got {len(params)}")
+	return widths
+
+
+def _check_experts_fake(x, indices, weights, params):
+	torch._check_value(x.dim() == 2, lambda: f"x must be 2-D [N, in], got {x.dim()}-D")
+	torch._check_value(x.dtype in (torch.float32, torch.float64), lambda: f"x must be float32 or float64, got {x.dtype}")
+	for name, t in (("indices", indices), ("weights", weights), *((f"params[{i}]", p) for i, p in enumerate(params))):
+		_check_fake_device(name, t, x)
+	torch._check_value(indices.dtype == torch.int64 and indices.dim() == 2, lambda: "indices must be int64 [N, k]")
+	torch._check_value(weights.shape == indices.shape, lambda: "weights must have the shape of indices")
+
+
+def _routed_experts_fake(x, indices, weights, params, activations, simnorm_dim):
+	_check_experts_fake(x, indices, weights, params)
+	return x.new_empty(x.shape[0], _expert_widths(x, params, activations)[-1])
+
+
+def _routed_experts_train_fake(x, indices, weights, params, activations, simnorm_dim):
+	_check_experts_fake(x, indices, weights, params)
+	widths = _expert_widths(x, params, activations)
+	s, e = x.shape[0] * indices.shape[1], params[0].shape[0]
+	saved = [x.new_empty(2 * s + e + 1, dtype=torch.int64), x.new_empty(s, x.shape[1])]
+	saved += [x.new_empty(s, w) for w in widths]
+	for code, w in zip(activations, widths):
+		if code != 0:
+			saved += [x.new_empty(s, w), x.new_empty(s)]
+	return x.new_empty(x.shape[0], widths[-1]), saved
+
+
+def _routed_experts_backward_fake(grad_out, x, indices, weights, params, saved, activations, simnorm_dim, input_grad):
+	_check_experts_fake(x, indices, weights, params)
+	_check_fake_device("grad_out", grad_out, x)
+	grad_x = x.new_empty(x.shape) if input_grad else x.new_empty(0)
+	return grad_x, weights.new_empty(weights.shape), [torch.empty_like(p, memory_format=torch.contiguous_format)
+													  for p in params]
+
+
+if COMPILED:
+	_routed_experts = torch.ops.tdmpc2_moe.routed_experts.default
+	torch.library.register_fake("tdmpc2_moe::routed_experts", _routed_experts_fake)
+	torch.library.register_fake("tdmpc2_moe::routed_experts_train", _routed_experts_train_fake)
+	torch.library.register_fake("tdmpc2_moe::routed_experts_backward", _routed_experts_backward_fake)
+
+
+def routed_experts_runs_on(device):
+	"""Returns whether the compiled routed_experts has a kernel for `device` (a torch.device)."""
+	return COMPILED and (device.type == "cpu" or (device.type == "cuda" and backend() == "cuda"))
+
+
+def routed_experts(x, indices, weights, params, activations, *, simnorm_dim=8):
+	"""
+	Runs a block's routed experts on their rows and returns the weighted combination: out[r] = sum_j
+	weights[r, j] * expert_{indices[r, j]}(x[r]), [N, out]. `x` [N, in] float32 or float64 (any strides);
+	`indices` [N, k] int64 and `weights` [N, k] (a Gate's); `params` the stacked parameters layer after
+	layer: weight [E, out, in] and bias [E, out], then for a normed layer LayerNorm weight and bias
+	[E, out]; `activations` one name per layer from EXPERT_ACTIVATIONS ("none": a plain Linear; "mish":
+	LayerNorm then Mish; "simnorm": LayerNorm then softmax over groups of `simnorm_dim`). Differentiable in
+	x, weights and params. The compiled op when the extension is built (grouping by a counting sort, each
+	expert's layers on exactly its rows, bias, LayerNorm and activation fused into one pass per layer);
+	the reference otherwise. On the CPU indices outside [0, E) raise ValueError; the CUDA kernels drop
+	such slots (they are not checked on the host: no synchronisation).
+	"""
+	if not isinstance(x, torch.Tensor) or not isinstance(indices, torch.Tensor) or not isinstance(weights, torch.Tensor):
+		raise ValueError("x, indices and weights must be tensors")
+	try:
+		codes = [_ACTIVATION_CODES[a] for a in activations]
+	except (KeyError, TypeError):
+		raise ValueError(f"activations must name one of {list(EXPERT_ACTIVATIONS)} per layer, got {activations!r}") from None
+	check_int("simnorm_dim", simnorm_dim, 1)
+	if COMPILED:
+		_first_use(x)
+		return _routed_experts(x, indices, weights, list(params), codes, simnorm_dim)
+	return routed_experts_reference(x, indices, weights, params, activations, simnorm_dim)

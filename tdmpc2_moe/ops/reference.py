@@ -118,3 +118,44 @@ def orthonormalize_reference(features, eps=ORTHONORMALIZE_EPS):
 	if not qs:
 		return features.clone()
 	return torch.stack(qs).to(features.dtype)
+
+
+# --- Routed experts (docs/design.md 22) ------------------------------------------------------------------
+
+EXPERT_ACTIVATIONS = ("none", "mish", "simnorm")
+"""What follows each layer's Linear in `routed_experts`: nothing (a plain Linear), LayerNorm then Mish
+(TD-MPC2's NormedLinear), or LayerNorm then SimNorm over groups of `simnorm_dim` (its dynamics head)."""
+
+
+def expert_layer_reference(h, weight, bias, ln_weight, ln_bias, activation, simnorm_dim):
+	"""Returns one expert's layer on rows `h` [N, in]: Linear (weight [out, in], bias [out]), then per `activation`."""
+	h = torch.nn.functional.linear(h, weight, bias)
+	if activation == "none":
+		return h
+	h = torch.nn.functional.layer_norm(h, (h.shape[-1],), ln_weight, ln_bias)
+	if activation == "mish":
+		return torch.nn.functional.mish(h)
+	return torch.softmax(h.view(*h.shape[:-1], h.shape[-1] // simnorm_dim, simnorm_dim), -1).view(h.shape)
+
+
+def routed_experts_reference(x, indices, weights, params, activations, simnorm_dim=8):
+	"""
+	The routed experts in plain PyTorch: every expert's layers (`params` layer after layer: weight
+	[E, out, in], bias [E, out], and for a normed layer LayerNorm weight and bias [E, out]) on every row of
+	`x` [N, in], then out[r] = sum_j weights[r, j] * expert_{indices[r, j]}(x[r]): [N, out]. Computed in
+	x's dtype; differentiable in x, weights and params.
+	"""
+	n_experts = params[0].shape[0]
+	outs = []
+	for e in range(n_experts):
+		h, p = x, 0
+		for activation in activations:
+			normed = activation != "none"
+			ln_weight, ln_bias = (params[p + 2][e], params[p + 3][e]) if normed else (None, None)
+			h = expert_layer_reference(h, params[p][e], params[p + 1][e], ln_weight, ln_bias, activation, simnorm_dim)
+			p += 4 if normed else 2
+		outs.append(h)
+	y = torch.stack(outs)  # [E, N, out]
+	rows = torch.arange(x.shape[0], device=x.device)
+	w = weights.to(x.dtype)
+	return sum(w[:, j:j + 1] * y[indices[:, j], rows] for j in range(indices.shape[1]))
