@@ -8,7 +8,8 @@ naming the op, the case and the difference, and how to run without the kernels
 Cases: E <= 32 (a thread per row on CUDA) and E > 32 (a block per row), k = 1, k = E, ties,
 non-finite rows, more rows than the ring (the ring wraps), bfloat16 logits and ring; the statistics
 (probability means, pick fractions: summed across blocks on CUDA), the backward, and orthonormalize
-forward and backward including a degenerate vector. Everything goes through the dispatcher
+forward and backward including a degenerate vector; routed_experts (CPU: it has no CUDA kernel yet)
+forward, inference and backward over Mish, SimNorm and plain layers, k = 1 and 2, an idle expert. Everything goes through the dispatcher
 (`torch.ops.tdmpc2_moe.*`), as user code reaches the kernels.
 
 `TDMPC2_MOE_SELF_CHECK=0` skips the automatic check; `self_check(device)` always runs it.
@@ -19,8 +20,8 @@ import time
 import torch
 
 from .backend import BACKEND_ENV, backend
-from .reference import (ORTHONORMALIZE_EPS, orthonormalize_reference, record_reference, topk_gate_backward_reference,
-						topk_gate_reference)
+from .reference import (EXPERT_ACTIVATIONS, ORTHONORMALIZE_EPS, orthonormalize_reference, record_reference,
+						routed_experts_reference, topk_gate_backward_reference, topk_gate_reference)
 
 ENV = "TDMPC2_MOE_SELF_CHECK"
 # (name, rows, experts, k, logits dtype, renormalize, temperature, ring capacity, special rows)
@@ -37,6 +38,11 @@ GATE_CASES = [
 	("bf16 E=48 k=4", 33, 48, 4, torch.bfloat16, True, 1.0, 64, None),
 ]
 ORTHO_CASES = [("E=4 D=16", 4, 9, 16, None), ("E=D=8", 8, 5, 8, None), ("degenerate vector", 4, 6, 12, "degenerate")]
+# routed_experts: (name, experts, rows, top_k, widths in -> ... -> out, one activation per layer). The last
+# routes every row to experts 0 and 1 only, so that an expert with no rows is covered.
+EXPERT_CASES = [("E=4 k=2 mish,mish,none", 4, 11, 2, (6, 10, 10, 5), ("mish", "mish", "none")),
+				("E=8 k=1 simnorm", 8, 7, 1, (5, 8, 16), ("mish", "simnorm")),
+				("E=3 k=2 expert 2 idle", 3, 6, 2, (4, 6, 3), ("mish", "none"))]
 TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # bf16 inputs are compared after both sides computed in float32
 
 _checked = set()  # devices whose kernels passed (or whose check was skipped) in this process
@@ -136,6 +142,39 @@ def _check_orthonormalize(case, device, g):
 	_compare("orthonormalize_backward", name, "grad_features", got, want)
 
 
+def _check_routed_experts(case, device, g):
+	name, e, n, k, widths, activations = case
+	x = torch.randn(n, widths[0], generator=g)
+	if name.endswith("idle"):
+		indices = torch.tensor([[0, 1]] * n)
+	else:
+		indices = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(n)])
+	weights = torch.rand(n, k, generator=g)
+	params = []
+	for i, activation in enumerate(activations):
+		params += [torch.randn(e, widths[i + 1], widths[i], generator=g) * 0.3, torch.randn(e, widths[i + 1], generator=g)]
+		if activation != "none":
+			params += [1 + 0.1 * torch.randn(e, widths[i + 1], generator=g), 0.1 * torch.randn(e, widths[i + 1], generator=g)]
+	x, indices, weights = x.to(device), indices.to(device), weights.to(device)
+	params = [p.to(device) for p in params]
+	codes = [EXPERT_ACTIVATIONS.index(a) for a in activations]
+	group = 8 if "simnorm" in activations else 1
+	got, saved = torch.ops.tdmpc2_moe.routed_experts_train(x, indices, weights, params, codes, group)
+	leaves = [t.clone().requires_grad_(True) for t in (x, weights, *params)]
+	with torch.enable_grad():
+		want = routed_experts_reference(leaves[0], indices, leaves[1], leaves[2:], activations, group)
+		grad = torch.randn(want.shape, generator=g).to(device)
+		wanted = torch.autograd.grad((want * grad).sum(), leaves)
+	_compare("routed_experts", name, "out", got, want.detach())
+	_compare("routed_experts", name, "out (inference)",
+			 torch.ops.tdmpc2_moe.routed_experts(x, indices, weights, params, codes, group), want.detach())
+	grad_x, grad_weights, grad_params = torch.ops.tdmpc2_moe.routed_experts_backward(
+		grad, x, indices, weights, params, saved, codes, group, True)
+	for field, got_grad, want_grad in zip(("grad_x", "grad_weights", *(f"grad_params[{i}]" for i in range(len(params)))),
+										  (grad_x, grad_weights, *grad_params), wanted):
+		_compare("routed_experts_backward", name, field, got_grad, want_grad)
+
+
 def self_check(device=None):
 	"""
 	Runs the compiled kernels on `device` (default: the current CUDA device when there is one, else
@@ -157,13 +196,17 @@ def self_check(device=None):
 				_check_gate(case, device, g)
 			for case in ORTHO_CASES:
 				_check_orthonormalize(case, device, g)
+			if device.type == "cpu":  # the routed experts have no CUDA kernel yet
+				for case in EXPERT_CASES:
+					_check_routed_experts(case, device, g)
 		if device.type == "cuda":
 			torch.cuda.synchronize(device)
 	finally:
 		if sync_mode:
 			torch.cuda.set_sync_debug_mode(sync_mode)
 	_checked.add(device)
-	return {"device": str(device), "backend": backend(), "cases": len(GATE_CASES) + len(ORTHO_CASES),
+	experts = len(EXPERT_CASES) if device.type == "cpu" else 0
+	return {"device": str(device), "backend": backend(), "cases": len(GATE_CASES) + len(ORTHO_CASES) + experts,
 			"seconds": time.perf_counter() - start}
 
 

@@ -261,8 +261,11 @@ if COMPILED:
 
 
 def routed_experts_runs_on(device):
-	"""Returns whether the compiled routed_experts has a kernel for `device` (a torch.device)."""
-	return COMPILED and (device.type == "cpu" or (device.type == "cuda" and backend() == "cuda"))
+	"""
+	Returns whether the compiled routed_experts has a kernel for `device` (a torch.device): the CPU only so
+	far (no CUDA kernel yet: on CUDA, MoEBlock keeps its padded sparse path).
+	"""
+	return COMPILED and device.type == "cpu"
 
 
 def routed_experts(x, indices, weights, params, activations, *, simnorm_dim=8):
@@ -275,8 +278,8 @@ def routed_experts(x, indices, weights, params, activations, *, simnorm_dim=8):
 	LayerNorm then Mish; "simnorm": LayerNorm then softmax over groups of `simnorm_dim`). Differentiable in
 	x, weights and params. The compiled op when the extension is built (grouping by a counting sort, each
 	expert's layers on exactly its rows, bias, LayerNorm and activation fused into one pass per layer);
-	the reference otherwise. On the CPU indices outside [0, E) raise ValueError; the CUDA kernels drop
-	such slots (they are not checked on the host: no synchronisation).
+	the reference otherwise (and on CUDA, which has no kernel of this op yet). On the CPU indices outside
+	[0, E) raise ValueError.
 	"""
 	if not isinstance(x, torch.Tensor) or not isinstance(indices, torch.Tensor) or not isinstance(weights, torch.Tensor):
 		raise ValueError("x, indices and weights must be tensors")
@@ -285,7 +288,7 @@ def routed_experts(x, indices, weights, params, activations, *, simnorm_dim=8):
 	except (KeyError, TypeError):
 		raise ValueError(f"activations must name one of {list(EXPERT_ACTIVATIONS)} per layer, got {activations!r}") from None
 	check_int("simnorm_dim", simnorm_dim, 1)
-	if COMPILED:
+	if routed_experts_runs_on(x.device):
 		_first_use(x)
 		return _routed_experts(x, indices, weights, list(params), codes, simnorm_dim)
 	return routed_experts_reference(x, indices, weights, params, activations, simnorm_dim)

@@ -45,8 +45,28 @@ def _python(code, **env):
 def test_self_check_passes_on_the_cpu_kernels():
 	result = tdmpc2_moe.self_check("cpu")
 	assert result["device"] == "cpu" and result["backend"] in ("cpu", "cuda")
-	assert result["cases"] == len(kernel_check.GATE_CASES) + len(kernel_check.ORTHO_CASES)
+	assert result["cases"] == len(kernel_check.GATE_CASES) + len(kernel_check.ORTHO_CASES) + len(kernel_check.EXPERT_CASES)
 	assert result["seconds"] > 0
+
+
+@needs_c
+def test_a_wrong_routed_experts_kernel_fails_the_check():
+	done = _python("""
+		import torch, tdmpc2_moe
+		from tdmpc2_moe.ops.reference import EXPERT_ACTIVATIONS, routed_experts_reference
+		lib = torch.library.Library("tdmpc2_moe", "IMPL")
+		def wrong(x, indices, weights, params, activations, simnorm_dim):
+			names = [EXPERT_ACTIVATIONS[a] for a in activations]
+			return routed_experts_reference(x, indices, weights, params, names, simnorm_dim) * 1.001
+		lib.impl("routed_experts", wrong, "CPU")
+		try:
+			tdmpc2_moe.self_check("cpu")
+		except tdmpc2_moe.SelfCheckError as exc:
+			print("RAISED", exc)
+	""")
+	assert done.returncode == 0, done.stderr[-2000:]
+	assert "RAISED tdmpc2_moe self-check: routed_experts on cpu disagrees with the reference in case " \
+		   "'E=4 k=2 mish,mish,none', output out (inference)" in done.stdout, done.stdout
 
 
 @needs_c
