@@ -1,7 +1,7 @@
 // CPU kernels of the routed experts (routed_experts.h, docs/design.md 22) and their registration.
 // One pass per call instead of the sparse path's fifty tensor ops: the slots are grouped per expert by a
 // counting sort, then expert after expert its rows go through all its layers while they are in cache
-// (rows gathered once, one GEMM per layer through ATen's BLAS, then one loop over the rows that adds the
+// (rows gathered once, one GEMM per layer through the BLAS that ATen's mm calls, then one loop over the rows that adds the
 // bias and applies LayerNorm and the activation in place), and the weighted combination is gathered back
 // per row. The backward runs the same way in reverse, expert after expert, from what the training forward
 // kept. Row loops are plain C++ that the compiler vectorises, built for AVX2 + FMA and for the baseline
@@ -9,6 +9,7 @@
 // run in a fixed order: results do not depend on the number of threads.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
@@ -17,6 +18,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -255,14 +258,78 @@ LayerPtrs<T> layer_ptrs(const ExpertLayer& layer, int64_t e, int64_t group) {
 	return {of(layer.bias), of(layer.ln_weight), of(layer.ln_bias), layer.act, layer.out, group};
 }
 
-// z [rows, out] = h [rows, in] @ W_e^T (W_e = weight[e], [out, in]) through ATen's matmul (BLAS).
-void expert_gemm(const at::Tensor& h, const at::Tensor& weight, int64_t e, at::Tensor& z) {
-	at::mm_out(z, h, weight.select(0, e).t());
+// --- GEMMs -------------------------------------------------------------------------------------------
+// The experts' GEMMs are small (a batch of 64 routes some 16 rows to an expert) and many (one per expert
+// and layer, three per layer in the backward): through at::mm each paid for its views, the dispatcher and
+// the shape checks, a tenth of a planning step. So they call the Fortran BLAS that ATen's mm itself ends
+// in for float32/float64 (MKL in the x86 wheels; the same routine, so the same bits), by pointer. The
+// symbols are weak: a torch built without a BLAS still loads this extension and takes at::mm instead,
+// as do sizes past BLAS's 32-bit integers.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+		const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc)
+		__attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+		const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+		const int* ldc) __attribute__((weak));
+}
+
+// TDMPC2_MOE_CPU_GEMM=aten takes at::mm for every GEMM (the path of a torch without BLAS, to test it).
+bool blas_enabled() {
+	static const bool yes = [] {
+		const char* choice = getenv("TDMPC2_MOE_CPU_GEMM");
+		return !(choice && strcmp(choice, "aten") == 0);
+	}();
+	return yes;
+}
+
+inline bool fits_int(int64_t v) {
+	return v >= 0 && v <= std::numeric_limits<int>::max();
+}
+
+// Row-major C [m, n] = op(A) [m, k] @ op(B) [k, n] (op: 'N' as stored, 'T' transposed; lda, ldb, ldc the
+// row strides as stored). Returns false, having done nothing, where no BLAS routine takes it.
+template <typename T>
+bool blas_gemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+		int64_t ldb, T* c, int64_t ldc) {
+	if (!blas_enabled() || !fits_int(m) || !fits_int(n) || !fits_int(k) || !fits_int(lda) || !fits_int(ldb) ||
+			!fits_int(ldc))
+		return false;
+	// Column-major BLAS sees every row-major matrix transposed: C^T = op(B)^T op(A)^T, the same flags.
+	const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+	const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
+	const T one = 1, zero = 0;
+	if constexpr (std::is_same_v<T, float>) {
+		if (sgemm_ == nullptr) return false;
+		sgemm_(&trans_b, &trans_a, &M, &N, &K, &one, b, &LDA, a, &LDB, &zero, c, &LDC);
+	} else {
+		if (dgemm_ == nullptr) return false;
+		dgemm_(&trans_b, &trans_a, &M, &N, &K, &one, b, &LDA, a, &LDB, &zero, c, &LDC);
+	}
+	return true;
+}
+
+// Row-major C [m, n] = op(A) @ op(B) of contiguous blocks (lda, ldb, ldc their row strides): through
+// BLAS, else through at::mm_out on views of the same memory.
+template <typename T>
+void gemm(char trans_a, char trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+		int64_t ldb, T* c, int64_t ldc) {
+	if (m == 0 || n == 0) return;
+	if (k > 0 && blas_gemm<T>(trans_a, trans_b, m, n, k, a, lda, b, ldb, c, ldc)) return;
+	const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+	const auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, char trans) {
+		at::Tensor t = at::from_blob(const_cast<T*>(p), trans == 'N' ? at::IntArrayRef{rows, cols} : at::IntArrayRef{cols, rows},
+				{ld, 1}, opts);
+		return trans == 'N' ? t : t.t();
+	};
+	at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+	at::mm_out(out, view(a, m, k, lda, trans_a), view(b, k, n, ldb, trans_b));
 }
 
 // Contiguous parameters: the row loops read bias and LayerNorm rows by pointer.
 std::vector<ExpertLayer> contiguous_layers(std::vector<ExpertLayer> layers) {
 	for (ExpertLayer& layer : layers) {
+		layer.weight = layer.weight.contiguous();  // the GEMMs read W_e by pointer
 		layer.bias = layer.bias.contiguous();
 		if (layer.normed()) {
 			layer.ln_weight = layer.ln_weight.contiguous();
@@ -314,26 +381,26 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& indices, const at::Ten
 	int64_t max_rows = 0, max_width = layers[0].in;
 	for (int64_t e = 0; e < n_experts; ++e) max_rows = std::max(max_rows, g.offsets[e + 1] - g.offsets[e]);
 	for (const ExpertLayer& layer : layers) max_width = std::max(max_width, layer.out);
-	at::Tensor scratch = saved ? at::Tensor() : at::empty({2, max_rows * max_width}, opts);
+	// Inference: each expert's layers alternate between two scratch blocks, the last layer writes y.
+	const int64_t block = max_rows * max_width;
+	at::Tensor scratch = saved ? at::Tensor() : at::empty({2 * block}, opts);
 	for (int64_t e = 0; e < n_experts; ++e) {
 		const int64_t begin = g.offsets[e], rows = g.offsets[e + 1] - begin;
 		if (rows == 0) continue;
-		at::Tensor h = saved ? hs[0].narrow(0, begin, rows) : scratch[0].narrow(0, 0, rows * layers[0].in).view({rows, layers[0].in});
-		gather_rows<T>(x, g, k, begin, begin + rows, h.data_ptr<T>());
+		T* h = saved ? hs[0].data_ptr<T>() + begin * layers[0].in : scratch.data_ptr<T>();
+		gather_rows<T>(x, g, k, begin, begin + rows, h);
 		int64_t normed = 0;
 		for (int64_t l = 0; l < n_layers; ++l) {
 			const ExpertLayer& layer = layers[l];
-			at::Tensor z;
-			if (saved)
-				z = hs[l + 1].narrow(0, begin, rows);
-			else if (l == n_layers - 1)
-				z = y.narrow(0, begin, rows);
-			else
-				z = scratch[(l + 1) % 2].narrow(0, 0, rows * layer.out).view({rows, layer.out});
-			expert_gemm(h, layer.weight, e, z);
+			T* z = saved ? hs[l + 1].data_ptr<T>() + begin * layer.out
+					: l == n_layers - 1 ? y.data_ptr<T>() + begin * layer.out
+					: scratch.data_ptr<T>() + ((l + 1) % 2) * block;
+			// z [rows, out] = h [rows, in] @ W_e^T
+			gemm<T>('N', 'T', rows, layer.out, layer.in, h, layer.in, layer.weight.const_data_ptr<T>() + e * layer.out * layer.in,
+					layer.in, z, layer.out);
 			T* xhat = saved && layer.normed() ? xhats[normed].data_ptr<T>() + begin * layer.out : nullptr;
 			T* rstd = saved && layer.normed() ? rstds[normed].data_ptr<T>() + begin : nullptr;
-			forward_rows(layer_ptrs<T>(layer, e, group), z.data_ptr<T>(), xhat, rstd, rows);
+			forward_rows(layer_ptrs<T>(layer, e, group), z, xhat, rstd, rows);
 			normed += layer.normed();
 			h = z;
 		}
@@ -382,7 +449,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward(const at::T
 	}
 	std::vector<at::Tensor> grad_params;
 	for (const ExpertLayer& layer : layers) {
-		grad_params.push_back(at::zeros(layer.weight.sizes(), opts));
+		// Every routed expert's slice is written whole by its GEMM; only idle experts' are zeroed (below).
+		grad_params.push_back(at::empty(layer.weight.sizes(), opts));
 		grad_params.push_back(at::zeros(layer.bias.sizes(), opts));
 		if (layer.normed()) {
 			grad_params.push_back(at::zeros(layer.ln_weight.sizes(), opts));
@@ -400,46 +468,57 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward(const at::T
 	int64_t max_rows = 0, max_width = layers[0].in;
 	for (int64_t e = 0; e < n_experts; ++e) max_rows = std::max(max_rows, g.offsets[e + 1] - g.offsets[e]);
 	for (const ExpertLayer& layer : layers) max_width = std::max(max_width, layer.out);
-	at::Tensor scratch = at::empty({3, max_rows * max_width}, opts);
+	// Three scratch blocks: the gradient flowing down alternates between the first two, the third takes
+	// the affine output's gradient of a normed layer.
+	const int64_t block = max_rows * max_width;
+	at::Tensor scratch = at::empty({3 * block}, opts);
+	T* const blocks[3] = {scratch.data_ptr<T>(), scratch.data_ptr<T>() + block, scratch.data_ptr<T>() + 2 * block};
 	// The gradient of every slot's gathered input (h_0), in sorted order, when x needs one.
 	at::Tensor grad_h0 = input_grad ? at::empty({s, layers[0].in}, opts) : at::Tensor();
 	for (int64_t e = 0; e < n_experts; ++e) {
 		const int64_t begin = g.offsets[e], rows = g.offsets[e + 1] - begin;
-		if (rows == 0) continue;
+		if (rows == 0) {
+			for (int64_t l = 0; l < n_layers; ++l) {
+				T* gw = grad_params[first_param[l]].data_ptr<T>() + e * layers[l].out * layers[l].in;
+				std::fill(gw, gw + layers[l].out * layers[l].in, T(0));
+			}
+			continue;
+		}
 		// The gradient of the experts' outputs: weight * grad_out of the slot's row.
-		at::Tensor grad = scratch[0].narrow(0, 0, rows * width).view({rows, width});
-		T* gp = grad.data_ptr<T>();
+		T* grad = blocks[0];
 		for (int64_t p = 0; p < rows; ++p) {
 			const int64_t slot = g.perm[begin + p];
 			const T ws = w[slot];
 			const T* src = go + (slot / k) * width;
-			for (int64_t c = 0; c < width; ++c) gp[p * width + c] = ws * src[c];
+			for (int64_t c = 0; c < width; ++c) grad[p * width + c] = ws * src[c];
 		}
 		int64_t buffer = 0;
 		for (int64_t l = n_layers - 1; l >= 0; --l) {
 			const ExpertLayer& layer = layers[l];
 			const LayerPtrs<T> ptrs = layer_ptrs<T>(layer, e, group);
-			const at::Tensor h_in = saved[1 + l].narrow(0, begin, rows);
+			const T* h_in = saved[1 + l].const_data_ptr<T>() + begin * layer.in;
+			const T* weight_e = layer.weight.const_data_ptr<T>() + e * layer.out * layer.in;
 			at::Tensor* gparams = &grad_params[first_param[l]];
 			if (layer.normed()) {
 				const int64_t q = first_normed[l];
 				const T* xhat = saved[saved_norms + 2 * q].const_data_ptr<T>() + begin * layer.out;
 				const T* rstd = saved[saved_norms + 2 * q + 1].const_data_ptr<T>() + begin;
 				const T* h_out = saved[2 + l].const_data_ptr<T>() + begin * layer.out;
-				T* ga = scratch[2].data_ptr<T>();
-				backward_rows(ptrs, grad.data_ptr<T>(), h_out, xhat, rstd, ga, rows);
+				T* ga = blocks[2];
+				backward_rows(ptrs, grad, h_out, xhat, rstd, ga, rows);
 				RowLoops<T>::column_sums(ga, xhat, rows, layer.out, gparams[3].data_ptr<T>() + e * layer.out,
 						gparams[2].data_ptr<T>() + e * layer.out);
 			}
 			T* gb = gparams[1].data_ptr<T>() + e * layer.out;
-			RowLoops<T>::column_sums(grad.const_data_ptr<T>(), nullptr, rows, layer.out, gb, nullptr);
-			at::Tensor gw_e = gparams[0].select(0, e);
-			at::mm_out(gw_e, grad.t(), h_in);
+			RowLoops<T>::column_sums(grad, nullptr, rows, layer.out, gb, nullptr);
+			// grad_w [out, in] = grad [rows, out]^T @ h_in [rows, in]
+			gemm<T>('T', 'N', layer.out, layer.in, rows, grad, layer.out, h_in, layer.in,
+					gparams[0].data_ptr<T>() + e * layer.out * layer.in, layer.in);
 			if (l == 0 && !input_grad) break;
 			buffer = 1 - buffer;
-			at::Tensor grad_in = l == 0 ? grad_h0.narrow(0, begin, rows)
-					: scratch[buffer].narrow(0, 0, rows * layer.in).view({rows, layer.in});
-			at::mm_out(grad_in, grad, layer.weight.select(0, e));
+			T* grad_in = l == 0 ? grad_h0.data_ptr<T>() + begin * layer.in : blocks[buffer];
+			// grad_in [rows, in] = grad [rows, out] @ W_e
+			gemm<T>('N', 'N', rows, layer.in, layer.out, grad, layer.out, weight_e, layer.in, grad_in, layer.in);
 			grad = grad_in;
 		}
 	}

@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_compiled_matches_eager
-from tdmpc2_moe.block.dispatch import choose, group_by_expert, run_padded, tile_rows
+from tdmpc2_moe import backend
+from tdmpc2_moe.block import experts as experts_module
+from tdmpc2_moe.block.dispatch import choose, fused_plan, group_by_expert, run_padded, tile_rows
 from tdmpc2_moe.block.baselines import SimNorm
 from tdmpc2_moe.block.moe import MoEBlock
 
@@ -64,7 +66,8 @@ def _assert_same(a, b, rtol=1e-7, atol=1e-9):
 @pytest.mark.parametrize("lead", [(40,), (3, 7), (2, 3, 5)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse_equals_dense_values_and_gradients(n_experts, top_k, lead, device):
-	# On the CPU the block runs the exact groups, on CUDA the padded static-shape path.
+	# On the CPU the block runs the routed-experts operator (the exact groups without a built _C), on
+	# CUDA the padded static-shape path.
 	dense, sparse = _twins(n_experts=n_experts, top_k=top_k, device=device)
 	x = torch.randn(*lead, IN, dtype=torch.float64, device=device)
 	target = torch.randn(*lead, OUT, dtype=torch.float64, device=device)
@@ -134,6 +137,39 @@ def test_padded_buffer_bound_holds_for_the_most_uneven_routing():
 		counts = [slots - (n_experts - 1)] + [1] * (n_experts - 1)
 		padded = sum(math.ceil(c / tile) * tile for c in counts)
 		assert padded <= math.ceil((slots + n_experts * (tile - 1)) / tile) * tile
+
+
+# TD-MPC2's heads as the routed-experts operator runs them: reward (a plain last Linear), dynamics
+# (SimNorm last), the fork's shared head (the operator runs the hidden layers, the shared layer follows).
+FUSED_HEADS = {"reward": dict(), "dynamics": dict(act=SimNorm()), "shared_head": dict(shared_head=True)}
+FUSED_CASES = [(4, 1), (4, 2), (8, 2), (4, 4)]
+
+
+@pytest.mark.skipif(backend() == "reference", reason="tdmpc2_moe._C is not built")
+@pytest.mark.parametrize("n_experts,top_k", FUSED_CASES, ids=[f"E{e}k{k}" for e, k in FUSED_CASES])
+@pytest.mark.parametrize("rows", [1, 37, 300])
+@pytest.mark.parametrize("head", list(FUSED_HEADS))
+def test_the_operator_equals_the_grouped_sparse_path_in_float32(head, rows, n_experts, top_k, monkeypatch):
+	# What MoEBlock ran before the operator (docs/design.md 22): the exact groups, fifty tensor ops.
+	kwargs = dict(FUSED_HEADS[head])
+	act = kwargs.pop("act", None)
+	torch.manual_seed(0)
+	fused = MoEBlock(IN, HIDDEN, OUT, act, n_experts=n_experts, top_k=top_k, history_rows=None, dispatch="sparse",
+					 aux_coef=0.5, zloss_coef=0.1, **kwargs)
+	nn.init.normal_(fused.gate.weight, std=1.0)
+	grouped = copy.deepcopy(fused)
+	x, target = torch.randn(rows, IN), torch.randn(rows, OUT)
+	assert fused_plan(fused.experts.expert_layers, x) is not None
+	got = _run(fused, x, target)
+	monkeypatch.setattr(experts_module, "fused_plan", lambda layers, x: None)
+	want = _run(grouped, x, target)
+	# To 1e-5 per tensor, in norm: both sum in float32, in other orders (the operator's GEMMs cover an
+	# expert's rows at once, the weight gradients sum over rows inside BLAS), so single small elements of a
+	# gradient summed over hundreds of rows may differ by more than 1e-5 of themselves.
+	assert got[1].keys() == want[1].keys()
+	for name, a, b in [("out", got[0], want[0]), *((n, got[1][n], want[1][n]) for n in want[1])]:
+		err = ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+		assert err <= 1e-5, f"{name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("path", ["grouped", "padded"])

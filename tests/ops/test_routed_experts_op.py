@@ -7,6 +7,11 @@ layer): values and the gradients of x, routing weights and every parameter; floa
 within float32 rounding of the float64 result; the same bits on every call; argument errors; opcheck;
 torch.compile(fullgraph=True). Parametrised over devices.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,6 +129,49 @@ def test_the_same_bits_on_every_call(device):
 		assert all(torch.equal(a, b) for a, b in zip(first, again))
 	with torch.no_grad():
 		assert torch.equal(op(x, idx.to(device), w.to(device), params, activations), first[0])
+
+
+_ATEN_GEMM_CHECK = """
+import sys, torch
+sys.path[:0] = [{here!r}, {tests!r}]
+import test_routed_experts_op as t
+from tdmpc2_moe import backend
+assert backend() == "cpu", backend()
+for stack in t.STACKS:
+	activations, dims = t.STACKS[stack]
+	g = torch.Generator().manual_seed(5)
+	x = torch.randn(40, dims[0], generator=g, dtype=torch.float64)
+	idx, w = t.routing("random", 40, 8, 2, g)
+	params = t.make_params(activations, dims, 8, torch.float64, g)
+	grad_out = torch.randn(40, dims[-1], generator=g, dtype=torch.float64)
+	got = t.values_and_grads(t.op, x, idx, w.double(), params, activations, grad_out)
+	want = t.values_and_grads(t.ref, x, idx, w.double(), params, activations, grad_out)
+	for a, b in zip(got, want):
+		torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+print(t.mm_calls_inside_the_op())
+"""
+
+
+def mm_calls_inside_the_op():
+	"""Returns how many aten::mm calls one forward and backward of the op makes (0: its GEMMs call BLAS)."""
+	activations, dims = STACKS["reward"]
+	g = torch.Generator().manual_seed(6)
+	x, grad_out = torch.randn(30, dims[0], generator=g), torch.randn(30, dims[-1], generator=g)
+	idx, w = routing("distinct", 30, 4, 2, g)
+	params = make_params(activations, dims, 4, torch.float32, g)
+	with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+		values_and_grads(op, x, idx, w, params, activations, grad_out)
+	return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::mm.out"))
+
+
+def test_the_gemms_without_blas_match_the_reference():
+	# TDMPC2_MOE_CPU_GEMM=aten: every GEMM through at::mm, as on a torch without a BLAS to call directly.
+	here = Path(__file__).resolve().parent
+	done = subprocess.run([sys.executable, "-c", _ATEN_GEMM_CHECK.format(here=str(here), tests=str(here.parent))],
+						  capture_output=True, text=True, env=dict(os.environ, TDMPC2_MOE_CPU_GEMM="aten"), cwd=here)
+	assert done.returncode == 0, done.stdout + done.stderr
+	assert int(done.stdout.split()[-1]) > 0  # the knob took at::mm
+	assert mm_calls_inside_the_op() == 0  # and by default the op calls BLAS itself
 
 
 def test_mish_and_simnorm_are_right_at_the_extremes():
