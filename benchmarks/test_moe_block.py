@@ -12,6 +12,9 @@ orthonormalisation costs) and `leaky_fork` (`baselines.LeakyForkMoEBlock`, the f
 it ran: host list, detached KL, `.item()` per training forward). Their planning rows run in eval mode
 (as the fork planned).
 
+`test_fused_dispatch`: the routed-experts operator against dense and the grouped sparse path it replaced
+(N = 1 .. 1536 rows, E = 4, 8 with k = 1, 2 and k = E), the measurements behind "auto" picking it.
+
 `test_dispatch`: MoEBlock with dispatch="dense" vs "sparse" (and `padded`, the static-shape sparse
 path that CUDA and torch.compile run, here on the CPU) vs a plain mlp, dynamics head at mlp_dim 384,
 N = 256, 1536, 8192 rows, E = 4, 8, 16, k = 1, 2, training (forward + backward) and planning
@@ -146,6 +149,67 @@ def test_dispatch(benchmark, mode, rows, n_experts, top_k, variant):
 	benchmark.pedantic(step, rounds=int(os.environ.get("DISPATCH_BENCH_ROUNDS", "5")), iterations=1, warmup_rounds=1)
 
 
+FUSED_ROWS = [1, 16, 64, 256, 1536]
+FUSED_EXPERTS = [(4, 1), (4, 2), (8, 1), (8, 2), (4, 4), (8, 8)]
+FUSED_VARIANTS = ["dense", "fused", "grouped"]
+
+
+@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+@pytest.mark.parametrize("n_experts,top_k", FUSED_EXPERTS, ids=[f"E{e}k{k}" for e, k in FUSED_EXPERTS])
+@pytest.mark.parametrize("rows", FUSED_ROWS)
+@pytest.mark.parametrize("mode", ["train", "plan"])
+def test_fused_dispatch(benchmark, mode, rows, n_experts, top_k, variant, monkeypatch):
+	"""
+	The routed-experts operator (`fused`, docs/design.md 22) against dense and the grouped sparse path it
+	replaced, at planning's and training's small batches and with top_k == E: the measurements behind
+	`dispatch.choose` picking the operator wherever it runs (benchmarks/README.md section 11). CPU only.
+	"""
+	if DEVICE.type != "cpu":
+		pytest.skip("the routed-experts operator has no CUDA kernel in this build")
+	from tdmpc2_moe.block import experts as experts_module
+	latent = LATENT[384]
+	torch.manual_seed(0)
+	block = MoEBlock(latent + ACTION_DIM, [384, 384], latent, SimNorm(), n_experts=n_experts, top_k=top_k,
+					 history_rows=None, dispatch="dense" if variant == "dense" else "sparse")
+	if variant == "grouped":
+		monkeypatch.setattr(experts_module, "fused_plan", lambda layers, x: None)
+	x = torch.randn(rows, latent + ACTION_DIM, requires_grad=mode == "train")
+	if variant == "fused":
+		assert experts_module.fused_plan(block.experts.expert_layers, x) is not None
+	benchmark.group = f"fused {mode} N={rows}"
+	benchmark.extra_info.update(variant=variant, mode=mode, rows=rows, n_experts=n_experts, top_k=top_k, fused=True)
+
+	def step():
+		if mode == "plan":
+			with torch.no_grad():
+				block(x)
+		else:
+			block(x).square().mean().backward()
+	benchmark.pedantic(step, rounds=int(os.environ.get("DISPATCH_BENCH_ROUNDS", "15")), iterations=1, warmup_rounds=2)
+
+
+def summarize_fused(benches):
+	"""Returns the README table of test_fused_dispatch: medians (ms), the operator's ratio to dense and the rule's pick."""
+	median = {}
+	for b in benches:
+		i = b["extra_info"]
+		if i.get("fused"):
+			median[(i["mode"], i["rows"], i["n_experts"], i["top_k"], i["variant"])] = b["stats"]["median"] * 1e3
+	if not median:
+		return ""
+	lines = ["| mode | N | E | k | dense | fused | grouped | fused / dense | fused / grouped | auto |",
+			 "|---|---|---|---|---|---|---|---|---|---|"]
+	for mode in ("train", "plan"):
+		for rows in FUSED_ROWS:
+			for e, k in FUSED_EXPERTS:
+				m = {v: median.get((mode, rows, e, k, v), float("nan")) for v in FUSED_VARIANTS}
+				auto = choose("auto", static=False, grad=mode == "train", rows=rows, n_experts=e, top_k=k,
+							  orthogonal=False, fused=True)
+				lines.append(f"| {mode} | {rows} | {e} | {k} | {m['dense']:.3f} | {m['fused']:.3f} | {m['grouped']:.3f} "
+							 f"| {m['fused'] / m['dense']:.2f}x | {m['fused'] / m['grouped']:.2f}x | {auto} |")
+	return "\n".join(lines)
+
+
 def _run(benchmark, variant, shape, mlp_dim, n_experts=None, top_k=None):
 	head = _head(variant, mlp_dim, n_experts, top_k)
 	x = torch.randn(SHAPES[shape], LATENT[mlp_dim] + ACTION_DIM, device=DEVICE, requires_grad=shape == "train")
@@ -184,7 +248,7 @@ def summarize_dispatch(benches):
 	median = {}
 	for b in benches:
 		i = b["extra_info"]
-		if "mode" in i:
+		if "mode" in i and not i.get("fused"):
 			median[(i["mode"], i["rows"], i["n_experts"], i["top_k"], i["variant"])] = b["stats"]["median"] * 1e3
 	if not median:
 		return ""
@@ -237,7 +301,7 @@ def summarize(path):
 					f"| {shape} ({SHAPES[shape]} rows) | {dim} | {e} | {plain:.2f} | {m['dense']:.2f} | {m['fork']:.2f} "
 					f"| {m['fork_noortho']:.2f} | {m['leaky_fork']:.2f} | {100 * (1 - m['fork_noortho'] / m['fork']):.1f}% "
 					f"| {m['leaky_fork'] / m['fork']:.2f}x |")
-	return "\n".join(lines) + "\n\n" + summarize_dispatch(benches)
+	return "\n".join(lines) + "\n\n" + summarize_dispatch(benches) + "\n\n" + summarize_fused(benches)
 
 
 if __name__ == "__main__":
