@@ -329,23 +329,23 @@ __global__ void weight_grad_kernel(const T* g, const T* h, T* dw, const int64_t*
 
 // The bias and LayerNorm parameters' gradients, a thread per (expert, column), over the expert's rows in
 // order: grad_bias = sum g (the pre-activation's gradient), grad_beta = sum ga, grad_gamma = sum ga xhat
-// (ga: the LayerNorm affine output's gradient; null for a plain layer).
+// (ga: the LayerNorm affine output's gradient, read for a normed layer only).
 template <typename T>
 __global__ void vector_grads_kernel(const T* g, const T* ga, const T* xhat, const int64_t* offsets, int e, int64_t d,
-		T* grad_bias, T* grad_gamma, T* grad_beta) {
+		bool normed, T* grad_bias, T* grad_gamma, T* grad_beta) {
 	const int64_t total = static_cast<int64_t>(e) * d, stride = static_cast<int64_t>(gridDim.x) * kThreads;
 	for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
 		const int64_t ex = i / d, c = i % d;
 		T sum_g = T(0), sum_a = T(0), sum_ax = T(0);
 		for (int64_t p = offsets[ex]; p < offsets[ex + 1]; ++p) {
 			sum_g += g[p * d + c];
-			if (ga) {
+			if (normed) {
 				sum_a += ga[p * d + c];
 				sum_ax += ga[p * d + c] * xhat[p * d + c];
 			}
 		}
 		grad_bias[i] = sum_g;
-		if (ga) {
+		if (normed) {
 			grad_gamma[i] = sum_ax;
 			grad_beta[i] = sum_a;
 		}
@@ -577,7 +577,7 @@ cudaError_t backward(const ExpertsBackwardParams& p, cudaStream_t stream) {
 			TDMPC2_EXPERTS_CHECK();
 		}
 		TDMPC2_LAUNCH(grid_for(e * layer.out, kThreads), kThreads, 0, stream, vector_grads_kernel<T>)(g, ga,
-				static_cast<const T*>(layer.xhat), offsets, e, layer.out, static_cast<T*>(layer.grad_bias),
+				static_cast<const T*>(layer.xhat), offsets, e, layer.out, normed, static_cast<T*>(layer.grad_bias),
 				static_cast<T*>(layer.grad_gamma), static_cast<T*>(layer.grad_beta));
 		TDMPC2_EXPERTS_CHECK();
 		if (layer.in > 0) {
