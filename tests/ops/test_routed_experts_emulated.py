@@ -152,7 +152,8 @@ def test_mish_and_simnorm_are_right_at_the_extremes(emu):
 	params[0][:, 0] = 0.0
 	idx, w = torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.rand(3, 2)
 	got = emu.routed_experts(x, idx, w, params, codes(activations), SIMNORM)
-	torch.testing.assert_close(got, routed_experts_reference(x, idx, w, params, activations, SIMNORM), rtol=1e-5, atol=1e-6)
+	want = routed_experts_reference(x, idx, w, params, activations, SIMNORM)
+	torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_indices_outside_the_experts_give_nan_rows_and_touch_nothing_else(emu):
@@ -217,7 +218,8 @@ def _flat(result):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n, e, k, dims, activations", ORDER_CASES, ids=[f"n{c[0]}-e{c[1]}-k{c[2]}" for c in ORDER_CASES])
+@pytest.mark.parametrize("n, e, k, dims, activations", ORDER_CASES,
+						 ids=[f"n{c[0]}-e{c[1]}-k{c[2]}" for c in ORDER_CASES])
 def test_outputs_are_bit_identical_in_every_block_and_thread_order(emu, n, e, k, dims, activations, dtype):
 	x, idx, w, params, grad_out = _order_inputs(n, e, k, dims, activations, dtype)
 	emu.set_schedule(*DEFAULT)  # concurrent blocks (TBB threads), identity orders
