@@ -1,8 +1,10 @@
 // The activations of the routed experts' layers (routed_experts.h), per element, forward and backward,
 // that both backends run (__host__ __device__): the CPU kernels (cpu/routed_experts.cpp) in their row
-// loops, the CUDA kernels (cuda/routed_experts.cu) per thread. Mish is written with one exponential:
-// tanh(softplus(a)) = n / (n + 2) with n = e^a (e^a + 2), and from a > 20 it is `a` itself (as torch's
-// softplus threshold: tanh(softplus(20)) rounds to 1 in float32 and float64), so n never overflows.
+// loops, the CUDA kernels (cuda/routed_experts_kernels.cu) per thread. Also the activation codes and the
+// LayerNorm epsilon, here rather than in routed_experts.h because the .cu cannot include torch headers.
+// Mish is written with one exponential: tanh(softplus(a)) = n / (n + 2) with n = e^a (e^a + 2), and from
+// a > 20 it is `a` itself (as torch's softplus threshold: tanh(softplus(20)) rounds to 1 in float32 and
+// float64), so n never overflows.
 #pragma once
 
 #include <math.h>
@@ -16,6 +18,13 @@
 #endif
 
 namespace tdmpc2_moe {
+
+// What follows a layer's Linear (+ bias): nothing (a plain Linear), or LayerNorm then Mish, or LayerNorm
+// then SimNorm (softmax over groups of simnorm_dim features: TD-MPC2's dynamics head).
+enum class ExpertAct : int64_t { kNone = 0, kMish = 1, kSimNorm = 2 };
+
+// nn.LayerNorm's default epsilon, which ExpertLinear's F.layer_norm uses.
+constexpr double kExpertNormEps = 1e-5;
 
 // e^a: float32 through gate_exp (vectorisable on the host, expf on the device), float64 through exp.
 EXPERT_HD float expert_exp(float a) {

@@ -24,14 +24,9 @@
 
 #include <vector>
 
+#include "expert_act.h"  // ExpertAct, kExpertNormEps
+
 namespace tdmpc2_moe {
-
-// What follows a layer's Linear (+ bias): nothing (a plain Linear), or LayerNorm then Mish, or LayerNorm
-// then SimNorm (softmax over groups of simnorm_dim features: TD-MPC2's dynamics head).
-enum class ExpertAct : int64_t { kNone = 0, kMish = 1, kSimNorm = 2 };
-
-// nn.LayerNorm's default epsilon, which ExpertLinear's F.layer_norm uses.
-constexpr double kExpertNormEps = 1e-5;
 
 struct ExpertLayer {
 	at::Tensor weight, bias, ln_weight, ln_bias;  // ln_* undefined for a plain Linear

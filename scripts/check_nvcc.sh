@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Compiles every csrc/cuda/*.cu for sm_80 and sm_90 with `-Xptxas -v` and fails on a compile error
-# or on any register spill (nonzero "spill stores" / "spill loads" in ptxas's report). Also fails when
-# a .cu (or a header it includes from csrc/) includes an ATen / c10 / torch header: the kernels take raw
-# pointers and a cudaStream_t, so they build with plain nvcc and against a torch wheel that lacks
-# CUDA headers. When $PYTHON (default python3) imports torch, each csrc/cuda/*.cpp is also
-# syntax-checked against that torch's headers (CPU wheels lack one generated c10/cuda header, which
-# is then stubbed).
+# Compiles every csrc/cuda/*.cu (top-k gating, orthonormalisation, routed experts) for sm_80 and sm_90
+# with `-Xptxas -v` and fails on a compile error or on any register spill (nonzero "spill stores" /
+# "spill loads" in ptxas's report). Also fails when a .cu (or a header it includes from csrc/) includes
+# an ATen / c10 / torch header: the kernels take raw pointers and a cudaStream_t, so they build with
+# plain nvcc and against a torch wheel that lacks CUDA headers. When $PYTHON (default python3) imports
+# torch, each csrc/cuda/*.cpp is also syntax-checked against that torch's headers (CPU wheels lack one
+# generated c10/cuda header, which is then stubbed).
 # Usage: scripts/check_nvcc.sh   (needs nvcc on PATH)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 status=0
-if grep -nE '#include *[<"](ATen|c10|torch)/' csrc/cuda/*.cu csrc/cuda/*.h csrc/*_row.h; then
+if grep -nE '#include *[<"](ATen|c10|torch)/' csrc/cuda/*.cu csrc/cuda/*.h csrc/*_row.h csrc/expert_act.h; then
 	echo "FAIL csrc/cuda/*.cu: includes ATen/c10/torch headers (above)"; status=1
 fi
 for cu in csrc/cuda/*.cu; do

@@ -8,8 +8,8 @@ naming the op, the case and the difference, and how to run without the kernels
 Cases: E <= 32 (a thread per row on CUDA) and E > 32 (a block per row), k = 1, k = E, ties,
 non-finite rows, more rows than the ring (the ring wraps), bfloat16 logits and ring; the statistics
 (probability means, pick fractions: summed across blocks on CUDA), the backward, and orthonormalize
-forward and backward including a degenerate vector; routed_experts (CPU: it has no CUDA kernel yet)
-forward, inference and backward over Mish, SimNorm and plain layers, k = 1 and 2, an idle expert. Everything goes through the dispatcher
+forward and backward including a degenerate vector; routed_experts forward, inference and backward over
+Mish, SimNorm and plain layers, k = 1 and 2, an idle expert. Everything goes through the dispatcher
 (`torch.ops.tdmpc2_moe.*`), as user code reaches the kernels.
 
 `TDMPC2_MOE_SELF_CHECK=0` skips the automatic check; `self_check(device)` always runs it.
@@ -196,17 +196,15 @@ def self_check(device=None):
 				_check_gate(case, device, g)
 			for case in ORTHO_CASES:
 				_check_orthonormalize(case, device, g)
-			if device.type == "cpu":  # the routed experts have no CUDA kernel yet
-				for case in EXPERT_CASES:
-					_check_routed_experts(case, device, g)
+			for case in EXPERT_CASES:
+				_check_routed_experts(case, device, g)
 		if device.type == "cuda":
 			torch.cuda.synchronize(device)
 	finally:
 		if sync_mode:
 			torch.cuda.set_sync_debug_mode(sync_mode)
 	_checked.add(device)
-	experts = len(EXPERT_CASES) if device.type == "cpu" else 0
-	return {"device": str(device), "backend": backend(), "cases": len(GATE_CASES) + len(ORTHO_CASES) + experts,
+	return {"device": str(device), "backend": backend(), "cases": len(GATE_CASES) + len(ORTHO_CASES) + len(EXPERT_CASES),
 			"seconds": time.perf_counter() - start}
 
 

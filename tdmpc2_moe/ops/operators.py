@@ -262,10 +262,12 @@ if COMPILED:
 
 def routed_experts_runs_on(device):
 	"""
-	Returns whether the compiled routed_experts has a kernel for `device` (a torch.device): the CPU only so
-	far (no CUDA kernel yet: on CUDA, MoEBlock keeps its padded sparse path).
+	Returns whether the compiled routed_experts has a kernel for `device` (a torch.device): the CPU whenever
+	the extension is built, CUDA when it was built with its CUDA kernels and torch sees a GPU (`backend()`
+	is "cuda", as for topk_gate). The CUDA kernels have run on the SIMT emulator only, never on a GPU
+	(docs/gpu.md); the self-check compares them with the reference before their first use on a device.
 	"""
-	return COMPILED and device.type == "cpu"
+	return COMPILED and (device.type == "cpu" or (device.type == "cuda" and backend() == "cuda"))
 
 
 def routed_experts(x, indices, weights, params, activations, *, simnorm_dim=8):
@@ -278,8 +280,9 @@ def routed_experts(x, indices, weights, params, activations, *, simnorm_dim=8):
 	LayerNorm then Mish; "simnorm": LayerNorm then softmax over groups of `simnorm_dim`). Differentiable in
 	x, weights and params. The compiled op when the extension is built (grouping by a counting sort, each
 	expert's layers on exactly its rows, bias, LayerNorm and activation fused into one pass per layer);
-	the reference otherwise (and on CUDA, which has no kernel of this op yet). On the CPU indices outside
-	[0, E) raise ValueError.
+	the reference otherwise (and on devices without a kernel). On the CPU indices outside [0, E) raise
+	ValueError; on CUDA they are not checked (that would synchronise with the host): the rows that hold
+	one come out NaN, with their input gradient and that slot's routing-weight gradient.
 	"""
 	if not isinstance(x, torch.Tensor) or not isinstance(indices, torch.Tensor) or not isinstance(weights, torch.Tensor):
 		raise ValueError("x, indices and weights must be tensors")

@@ -23,3 +23,6 @@ def test_cuda_sources_compile_without_spills():
 	assert "ok   csrc/cuda/binding.cpp" in result.stdout
 	assert "ok   csrc/cuda/ortho_binding.cpp" in result.stdout
 	assert "ok   csrc/cuda/ortho_kernels.cu (sm_90)" in result.stdout
+	for arch in ("sm_80", "sm_90"):
+		assert f"ok   csrc/cuda/routed_experts_kernels.cu ({arch})" in result.stdout
+	assert "ok   csrc/cuda/routed_experts_binding.cpp" in result.stdout

@@ -4,7 +4,7 @@ emulator, for a whole session: `pytest -p emulated_kernels_plugin test_ops.py ..
 on PYTHONPATH (tests/ops/test_cuda_emulated.py runs it so, in a subprocess of its own, since the swap is for
 the life of the process). The `cpu` variants of the device-parametrised op suites then run the .cu
 kernels through the dispatcher as user code reaches them (eager, autograd, torch.compile, opcheck,
-GateHistory, the self-check), against the same reference and with the same assertions as a GPU run.
+GateHistory, the self-check, the routed experts), against the same reference and with the same assertions as a GPU run.
 The swap goes through torch.library, as tests/ops/test_self_check.py substitutes a wrong kernel: there is
 no hook for it in the package. The session summary says how often each emulated kernel ran.
 """
@@ -14,7 +14,8 @@ import torch
 
 import simt_emulator
 
-OPS = ("topk_gate", "topk_gate_record", "topk_gate_backward", "orthonormalize", "orthonormalize_backward")
+OPS = ("topk_gate", "topk_gate_record", "topk_gate_backward", "orthonormalize", "orthonormalize_backward",
+	   "routed_experts", "routed_experts_train", "routed_experts_backward")
 calls = collections.Counter()
 _libraries = []
 

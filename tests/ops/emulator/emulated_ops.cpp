@@ -6,6 +6,8 @@
 //     (csrc/cuda/binding_impl.h: argument checks, outputs, workspace layout, launcher calls) with the
 //     emulator's Build: no device guard (CPU tensors), no stream (launches are synchronous), faults of
 //     the emulator checked after each launch, and a workspace filled with garbage.
+//   (The routed experts' ops, tdmpc2_moe_emu::routed_experts*, are in emulated_experts_ops.cpp; the
+//   Build policy both files use is emulator_build.h.)
 //   tdmpc2_moe_emu::set_schedule(blocks, threads, seed, sequential): the execution order of later
 //     launches (include/tdmpc2_simt_emulator.h: 0 identity, 1 reversed, 2 seeded permutation).
 //   tdmpc2_moe_emu::block_starts(): the logical blocks of the last sequential launch, in the order they ran.
@@ -18,42 +20,12 @@
 #include <torch/library.h>
 
 // After the torch headers: the emulator's cuda_runtime.h brings HIP-CPU's macros (__device__, ...).
-#include "cuda/binding_impl.h"
+#include "emulator_build.h"
 
 #include "negative_controls.h"
 
 namespace tdmpc2_moe {
 namespace {
-
-struct EmulatorBuild : binding::BuildDefaults {
-	struct Guard {
-		explicit Guard(at::Device) {}  // CPU tensors: no device to make current
-	};
-
-	static cudaStream_t stream() { return nullptr; }  // ignored: launches run to completion
-
-	// Every bit set (NaN in a float, the largest ticket): fresh host memory is often zero where the
-	// caching allocator's is not, and the kernels must neither read a partial before writing it nor find
-	// the ticket zeroed by luck rather than by the launcher's memset.
-	static at::Tensor workspace(const at::Tensor& like, at::IntArrayRef sizes, at::ScalarType dtype) {
-		at::Tensor work = BuildDefaults::workspace(like, sizes, dtype);
-		work.view(at::kByte).fill_(0xff);
-		return work;
-	}
-
-	// The emulator records a fault (barrier divergence, a partial warp shuffle) where a GPU would fault
-	// or hang: it is taken here, before the launch error.
-	static void check_launch(cudaError_t err) {
-		std::string fault;
-		{
-			auto& r = tdmpc2_moe_emu::record();
-			std::lock_guard<std::mutex> lock(r.mutex);
-			fault = std::exchange(r.fault, std::string());
-		}
-		TORCH_CHECK(fault.empty(), "tdmpc2_moe emulated kernel fault: ", fault);
-		BuildDefaults::check_launch(err);
-	}
-};
 
 void set_schedule(int64_t blocks, int64_t threads, int64_t seed, bool sequential) {
 	TORCH_CHECK_VALUE(blocks >= 0 && blocks <= 2 && threads >= 0 && threads <= 2, "orders are 0, 1 or 2");

@@ -16,7 +16,8 @@ ENV_VAR = "HIP_CPU_ROOT"
 HOW = (f"set {ENV_VAR} to a checkout of github.com/ROCm/HIP-CPU (e.g. git clone https://github.com/ROCm/HIP-CPU "
 	   f"~/hip-cpu; scripts/test.sh picks up ~/hip-cpu by itself) and install TBB's wheels "
 	   "(pip install tbb-devel==2023.2.0, in requirements.txt)")
-SOURCES = ["emulated_ops.cpp", "topk_gate_kernels.cpp", "ortho_kernels.cpp", "negative_controls.cpp"]
+SOURCES = ["emulated_ops.cpp", "emulated_experts_ops.cpp", "topk_gate_kernels.cpp", "ortho_kernels.cpp",
+		   "routed_experts_kernels.cpp", "negative_controls.cpp"]
 
 
 def hip_cpu_root():

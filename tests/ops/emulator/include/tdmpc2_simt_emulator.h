@@ -18,6 +18,8 @@
 //     the other on one thread in the order of that permutation (parallel otherwise: TBB, several OS
 //     threads, so the cross-block ticket is taken concurrently). Reductions in a fixed order must give
 //     bit-identical results under every order; a missing barrier or an order-dependent sum would not.
+//   - Every block's threads run as fibers (HIP-CPU runs a block without barriers as a loop on one
+//     fiber, which a warp-level barrier of a later warp cannot join).
 //   - Barrier divergence is reported, not silently mis-scheduled: a thread that reaches more barriers
 //     than its block's others would be resumed after its kernel ended (HIP-CPU then restarts it), and a
 //     block whose first thread ends before the others would end early; both are counted as faults.
@@ -189,6 +191,12 @@ inline void thread_begins() {
 	const uint32_t t = physical_thread();
 	if (t == 0) {
 		++e.block;
+		// Every thread of the block as a fiber, from the start. HIP-CPU runs a block whose first thread
+		// met no barrier by calling the kernel for each further thread on that same fiber, which breaks
+		// when a later thread does meet one: a warp's shuffles (warp-uniform work, as in the routed
+		// experts' row kernels, where the warp of physical thread 0 may have no row under a permuted
+		// thread order) would round-robin into fibers that never ran.
+		if (block_threads() > 1) hip::detail::this_tile::has_barrier = true;
 		if (schedule().sequential) {
 			std::lock_guard<std::mutex> lock(record().mutex);
 			record().block_starts.push_back(logical_block());
