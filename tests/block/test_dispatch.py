@@ -66,8 +66,8 @@ def _assert_same(a, b, rtol=1e-7, atol=1e-9):
 @pytest.mark.parametrize("lead", [(40,), (3, 7), (2, 3, 5)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("device", DEVICES)
 def test_sparse_equals_dense_values_and_gradients(n_experts, top_k, lead, device):
-	# On the CPU the block runs the routed-experts operator (the exact groups without a built _C), on
-	# CUDA the padded static-shape path.
+	# The block runs the routed-experts operator where the extension has its kernels (the CPU; CUDA in
+	# a CUDA build), else the exact groups on the CPU and the padded static-shape path on CUDA.
 	dense, sparse = _twins(n_experts=n_experts, top_k=top_k, device=device)
 	x = torch.randn(*lead, IN, dtype=torch.float64, device=device)
 	target = torch.randn(*lead, OUT, dtype=torch.float64, device=device)
