@@ -216,13 +216,30 @@ def agent_state(agent):
 			"moe": settings.checkpoint_dict() if settings is not None else None}
 
 
+# How an optimiser runs, not what it has learnt: these belong to the machine that resumes.
+_OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable")
+
+
+def load_optimizer(optimizer, state):
+	"""
+	`optimizer.load_state_dict(state)`, keeping `optimizer`'s own implementation flags (fused, foreach,
+	capturable): torch takes the saved param groups whole, so a checkpoint written on CUDA (capturable)
+	would otherwise bring its flags to the CPU, and one written with the loop Adam would turn the fused
+	one back into the loop (upstream/device.py `cpu_adam_fused`). Moments and step counts load as saved.
+	"""
+	flags = [{key: group[key] for key in _OPTIMIZER_IMPLEMENTATION if key in group} for group in optimizer.param_groups]
+	optimizer.load_state_dict(state)
+	for group, own in zip(optimizer.param_groups, flags):
+		group.update(own)
+
+
 def restore_agent(agent, state):
 	"""Loads `agent_state` output into `agent`; raises ValueError naming both sides for other MoE settings."""
 	if getattr(agent.model, "moe_settings", None) is not None:
 		check_checkpoint(state, agent.model.moe_settings)
 	agent.model.load_state_dict(state["model"])
-	agent.optim.load_state_dict(state["optim"])
-	agent.pi_optim.load_state_dict(state["pi_optim"])
+	load_optimizer(agent.optim, state["optim"])
+	load_optimizer(agent.pi_optim, state["pi_optim"])
 	agent.scale.load_state_dict(state["scale"])
 	agent._prev_mean.copy_(state["prev_mean"])
 

@@ -6,6 +6,7 @@ swaps the module's global `torch` for a `TorchOn(device)` while such code runs, 
 unmodified and `device=cpu` works on a machine without CUDA.
 """
 import contextlib
+import os
 
 import torch
 
@@ -30,14 +31,36 @@ class _CudaOn:
 		return getattr(torch.cuda, name)
 
 
+def cpu_adam_fused():
+	"""
+	Whether Adam on the CPU takes torch's fused kernel (the default) rather than its loop over
+	tensors (`TDMPC2_MOE_CPU_ADAM=loop`). The loop makes about seven elementwise passes per parameter
+	tensor, the fused kernel one: at batch 64 that is some 7 % of a CPU update, more for a MoE agent,
+	which has more parameters than it runs (benchmarks/README.md section 11). The two differ in float
+	rounding only; the loop is what this project's CPU runs used before (the committed learning runs).
+	"""
+	choice = os.environ.get("TDMPC2_MOE_CPU_ADAM", "fused")
+	if choice not in ("fused", "loop"):
+		raise ValueError(f"TDMPC2_MOE_CPU_ADAM must be 'fused' or 'loop', got {choice!r}")
+	return choice == "fused"
+
+
 class _OptimOn:
-	"""`torch.optim` whose Adam is capturable only on CUDA (capturable=True rejects CPU parameters)."""
+	"""
+	`torch.optim` whose Adam is capturable only on CUDA (capturable=True rejects CPU parameters) and,
+	on the CPU, fused unless the caller chose an implementation (`cpu_adam_fused`). On CUDA it is
+	upstream's Adam as upstream asks for it.
+	"""
 
 	def __init__(self, device):
 		self._device = device
 
 	def Adam(self, *args, capturable=False, **kwargs):
-		return torch.optim.Adam(*args, capturable=capturable and self._device.type == "cuda", **kwargs)
+		if self._device.type == "cuda":
+			return torch.optim.Adam(*args, capturable=capturable, **kwargs)
+		if self._device.type == "cpu" and "fused" not in kwargs and "foreach" not in kwargs and cpu_adam_fused():
+			kwargs["fused"] = True
+		return torch.optim.Adam(*args, **kwargs)
 
 	def __getattr__(self, name):
 		return getattr(torch.optim, name)
