@@ -28,33 +28,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdmpc2_moe import backend, topk_gate
+from tdmpc2_moe import topk_gate
 from tdmpc2_moe.ops.reference import (orthonormalize_reference, record_reference, topk_gate_backward_reference,
 								  topk_gate_reference)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "emulator"))
 import simt_emulator  # noqa: E402  (tests/ops/emulator/simt_emulator.py)
+from simt_emulator import DEFAULT_SCHEDULE as DEFAULT, SCHEDULES, check_block_starts  # noqa: E402
 from conftest import TESTS
 
-pytestmark = [
-	pytest.mark.slow,
-	pytest.mark.skipif(backend() == "reference", reason="tdmpc2_moe._C is not built"),
-	pytest.mark.skipif(simt_emulator.skip_reason() is not None, reason=simt_emulator.skip_reason() or ""),
-]
-
-# Execution orders (tests/ops/emulator/include/tdmpc2_simt_emulator.h): blocks, threads (0 identity,
-# 1 reversed, 2 seeded permutation), seed, sequential (one block after the other, in that order).
-IDENTITY, REVERSED, SEEDED = 0, 1, 2
-DEFAULT = (IDENTITY, IDENTITY, 0, False)
+pytestmark = simt_emulator.module_marks()
 
 
-@pytest.fixture(scope="module")
-def emu():
-	"""Builds (cached by torch) and loads the emulated ops; every test leaves the default schedule behind."""
-	ops = simt_emulator.load()
-	yield ops
-	ops.set_schedule(*DEFAULT)
+
+emu = simt_emulator.emu_fixture()
 
 
 def _logits(n, e, seed, dtype=torch.float32, scale=2.0):
@@ -215,18 +203,6 @@ def test_orthonormalize_without_rows(emu):
 
 # --- racecheck-like: execution orders ---------------------------------------------------------------
 
-SCHEDULES = [
-	(IDENTITY, IDENTITY, 0, True),
-	(REVERSED, IDENTITY, 0, True),
-	(SEEDED, IDENTITY, 11, True),
-	(SEEDED, IDENTITY, 12345, True),
-	(IDENTITY, REVERSED, 0, True),
-	(SEEDED, SEEDED, 7, True),
-	(REVERSED, SEEDED, 99, False),
-	(SEEDED, SEEDED, 3, False),
-]
-
-
 def _gate_outputs(emu, logits, k, capacity):
 	"""Every output of a recording forward (ring and cursor included) and of the backward, as one list."""
 	n, e = logits.shape
@@ -263,13 +239,10 @@ def test_outputs_are_bit_identical_in_every_block_and_thread_order(emu, n, e, k,
 		got, starts = _gate_outputs(emu, logits, k, capacity=97)
 		for name, a, b in zip(("weights", "indices", "prob_mean", "frac", "lse", "ring", "cursor", "grad"), got, want):
 			assert torch.equal(a, b), f"{name} differs under schedule {schedule}"
+		# Sequential: the forward's blocks ran one after the other in the permutation's order.
+		check_block_starts(schedule, starts.tolist())
 		if schedule[3]:
-			# Sequential: the forward's blocks ran one after the other in the permutation's order.
-			assert sorted(starts.tolist()) == list(range(blocks))
-			if schedule[0] == IDENTITY:
-				assert starts.tolist() == list(range(blocks))
-			elif schedule[0] == REVERSED:
-				assert starts.tolist() == list(range(blocks))[::-1]
+			assert len(starts) == blocks
 			last_blocks.add(starts[-1].item())
 	if blocks > 1:
 		# The block that finds the ticket last, and sums every block's partials, changed between orders.

@@ -28,44 +28,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from tdmpc2_moe import backend
 from tdmpc2_moe.ops import operators as ops
 from tdmpc2_moe.ops.reference import routed_experts_reference
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "emulator"))
 import simt_emulator  # noqa: E402  (tests/ops/emulator/simt_emulator.py)
+from simt_emulator import DEFAULT_SCHEDULE as DEFAULT, SCHEDULES, check_block_starts  # noqa: E402
 from conftest import REPO, TESTS  # noqa: E402
-from test_routed_experts_op import ROUTINGS, SIMNORM, STACKS, make_params, rel_err, routing  # noqa: E402
+from test_routed_experts_op import ROUTINGS, SIMNORM, STACKS, case_inputs, make_params, rel_err, routing  # noqa: E402
 
-pytestmark = [
-	pytest.mark.slow,
-	pytest.mark.skipif(backend() == "reference", reason="tdmpc2_moe._C is not built"),
-	pytest.mark.skipif(simt_emulator.skip_reason() is not None, reason=simt_emulator.skip_reason() or ""),
-]
+pytestmark = simt_emulator.module_marks()
 
-# Execution orders (tests/ops/emulator/include/tdmpc2_simt_emulator.h): blocks, threads (0 identity,
-# 1 reversed, 2 seeded permutation), seed, sequential (one block after the other, in that order).
-IDENTITY, REVERSED, SEEDED = 0, 1, 2
-DEFAULT = (IDENTITY, IDENTITY, 0, False)
-SCHEDULES = [
-	(IDENTITY, IDENTITY, 0, True),
-	(REVERSED, IDENTITY, 0, True),
-	(SEEDED, IDENTITY, 11, True),
-	(SEEDED, IDENTITY, 12345, True),
-	(IDENTITY, REVERSED, 0, True),
-	(SEEDED, SEEDED, 7, True),
-	(REVERSED, SEEDED, 99, False),
-	(SEEDED, SEEDED, 3, False),
-]
-
-
-@pytest.fixture(scope="module")
-def emu():
-	"""Builds (cached by torch) and loads the emulated ops; every test leaves the default schedule behind."""
-	ops_ = simt_emulator.load()
-	yield ops_
-	ops_.set_schedule(*DEFAULT)
+emu = simt_emulator.emu_fixture()
 
 
 def codes(activations):
@@ -89,19 +64,6 @@ def reference(x, idx, w, params, activations, grad_out):
 	out = routed_experts_reference(leaves[0], idx, leaves[1], leaves[2:], activations, SIMNORM)
 	grads = torch.autograd.grad((out * grad_out).sum(), leaves, allow_unused=True)
 	return [out.detach()] + [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
-
-
-def case_inputs(stack, n, e, k, kind, dtype):
-	activations, dims = STACKS[stack]
-	g = torch.Generator().manual_seed(n * 131 + e * 7 + k)
-	# Every other case reads x through strides (a column slice of a wider tensor), as the CPU op's test.
-	wide = torch.randn(n, dims[0] * 2, generator=g, dtype=torch.float64)
-	x = wide[:, ::2] if (n + k) % 2 else wide[:, :dims[0]].contiguous()
-	idx, w = routing(kind, n, e, k, g)
-	params = make_params(activations, dims, e, torch.float64, g)
-	grad_out = torch.randn(n, dims[-1], generator=g, dtype=torch.float64)
-	w = w.to(dtype) if dtype == torch.float64 else w
-	return activations, x.to(dtype), idx, w, [p.to(dtype) for p in params], grad_out.to(dtype)
 
 
 @pytest.mark.parametrize("stack", list(STACKS))
@@ -236,13 +198,8 @@ def test_outputs_are_bit_identical_in_every_block_and_thread_order(emu, n, e, k,
 		starts = emu.block_starts().tolist()
 		for i, (a, b) in enumerate(zip(got, want)):
 			assert torch.equal(a, b), f"output {i} differs under schedule {schedule}"
-		if schedule[3]:
-			# Sequential: the last launch's blocks ran one after the other in the permutation's order.
-			assert sorted(starts) == list(range(len(starts)))
-			if schedule[0] == IDENTITY:
-				assert starts == list(range(len(starts)))
-			elif schedule[0] == REVERSED:
-				assert starts == list(range(len(starts)))[::-1]
+		# Sequential: the last launch's blocks ran one after the other in the permutation's order.
+		check_block_starts(schedule, starts)
 	emu.set_schedule(*DEFAULT)
 
 

@@ -54,7 +54,7 @@ def make_params(activations, dims, e, dtype, g):
 
 def values_and_grads(fn, x, idx, w, params, activations, grad_out):
 	"""Returns fn's output and the gradients of sum(out * grad_out) in x, w and each param (leaf copies)."""
-	x = x.detach().clone().requires_grad_(True)
+	x = x.detach().requires_grad_(True)  # no clone: a clone of a strided slice would be contiguous
 	w = w.detach().clone().requires_grad_(True)
 	params = [p.detach().clone().requires_grad_(True) for p in params]
 	out = fn(x, idx, w, params, activations)
@@ -80,36 +80,43 @@ ROUTINGS = [(n, e, k, kind) for n, e, k, kind in [
 	(50, 5, 2, "one expert"), (3, 8, 2, "distinct"), (200, 8, 2, "distinct")]]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("stack", list(STACKS))
-@pytest.mark.parametrize("n, e, k, kind", ROUTINGS, ids=[f"n{n}-e{e}-k{k}-{kind}" for n, e, k, kind in ROUTINGS])
-def test_values_and_gradients_match_the_reference(device, stack, n, e, k, kind):
+def case_inputs(stack, n, e, k, kind, dtype, device="cpu"):
+	"""
+	Returns (activations, x, idx, w, params, grad_out) of one grid case (a head's layer stack, a routing) in
+	`dtype` on `device`, drawn in float64 from a seed of the case: the same values at either dtype. Every
+	other case reads x through strides (a column slice of a wider tensor). w stays a Gate's float32 in a
+	float32 case (the op takes routing weights of x's dtype or float32).
+	"""
 	activations, dims = STACKS[stack]
 	g = torch.Generator().manual_seed(n * 131 + e * 7 + k)
-	# Every other case reads x through strides (a column slice of a wider tensor).
 	wide = torch.randn(n, dims[0] * 2, generator=g, dtype=torch.float64)
 	x = wide[:, ::2] if (n + k) % 2 else wide[:, :dims[0]].contiguous()
 	idx, w = routing(kind, n, e, k, g)
 	params = make_params(activations, dims, e, torch.float64, g)
 	grad_out = torch.randn(n, dims[-1], generator=g, dtype=torch.float64)
-	to = lambda ts, dtype: [t.to(device, dtype) for t in ts]  # noqa: E731
-	idx = idx.to(device)
+	w = w.to(device, dtype) if dtype == torch.float64 else w.to(device)
+	return (activations, x.to(device, dtype), idx.to(device), w, [p.to(device, dtype) for p in params],
+			grad_out.to(device, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stack", list(STACKS))
+@pytest.mark.parametrize("n, e, k, kind", ROUTINGS, ids=[f"n{n}-e{e}-k{k}-{kind}" for n, e, k, kind in ROUTINGS])
+def test_values_and_gradients_match_the_reference(device, stack, n, e, k, kind):
 	# float64: the op computes in float64 as the reference does.
-	got = values_and_grads(op, x.to(device), idx, w.to(device, torch.float64), to(params, torch.float64), activations,
-						   grad_out.to(device))
-	want = values_and_grads(ref, x.to(device), idx, w.to(device, torch.float64), to(params, torch.float64), activations,
-							grad_out.to(device))
-	assert got[0].shape == (n, dims[-1]) and got[0].dtype == torch.float64
+	activations, *case = case_inputs(stack, n, e, k, kind, torch.float64, device)
+	got = values_and_grads(op, *case[:4], activations, case[4])
+	want = values_and_grads(ref, *case[:4], activations, case[4])
+	assert got[0].shape == (n, STACKS[stack][1][-1]) and got[0].dtype == torch.float64
 	for a, b in zip(got, want):
 		torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 	if n == 0:
 		return
 	# float32 against the float64 result: within twice the float32 reference's own distance from it
 	# (the same operations in float32, in other summation orders) plus a few float32 ulps.
-	got32 = values_and_grads(op, x.to(device, torch.float32), idx, w.to(device), to(params, torch.float32),
-							 activations, grad_out.to(device, torch.float32))
-	ref32 = values_and_grads(ref, x.to(device, torch.float32), idx, w.to(device), to(params, torch.float32),
-							 activations, grad_out.to(device, torch.float32))
+	activations, *case = case_inputs(stack, n, e, k, kind, torch.float32, device)
+	got32 = values_and_grads(op, *case[:4], activations, case[4])
+	ref32 = values_and_grads(ref, *case[:4], activations, case[4])
 	for a, r, b in zip(got32, ref32, want):
 		assert a.dtype == r.dtype and a.shape == b.shape
 		assert rel_err(a, b) <= 2 * rel_err(r, b) + 1e-6

@@ -76,3 +76,58 @@ def load(verbose=False):
 				   extra_ldflags=[f"-L{tbb_lib}", "-ltbb", f"-Wl,-rpath,{tbb_lib}"], is_python_module=False,
 				   verbose=verbose)
 	return torch.ops.tdmpc2_moe_emu
+
+
+# Execution orders (tests/ops/emulator/include/tdmpc2_simt_emulator.h): blocks, threads (0 identity,
+# 1 reversed, 2 seeded permutation), seed, sequential (one block after the other, in that order).
+IDENTITY, REVERSED, SEEDED = 0, 1, 2
+DEFAULT_SCHEDULE = (IDENTITY, IDENTITY, 0, False)
+# The orders of the racecheck-like passes: sequential in identity, reversed and seeded block orders, with
+# permuted thread orders, and concurrent (TBB threads) with permuted thread orders.
+SCHEDULES = [
+	(IDENTITY, IDENTITY, 0, True),
+	(REVERSED, IDENTITY, 0, True),
+	(SEEDED, IDENTITY, 11, True),
+	(SEEDED, IDENTITY, 12345, True),
+	(IDENTITY, REVERSED, 0, True),
+	(SEEDED, SEEDED, 7, True),
+	(REVERSED, SEEDED, 99, False),
+	(SEEDED, SEEDED, 3, False),
+]
+
+
+def check_block_starts(schedule, starts):
+	"""
+	Asserts that under a sequential `schedule` the last launch's blocks (`starts`, block ids in the order
+	they started) ran one after the other in the schedule's order; concurrent schedules promise no order.
+	"""
+	if not schedule[3]:
+		return
+	assert sorted(starts) == list(range(len(starts)))
+	if schedule[0] == IDENTITY:
+		assert starts == list(range(len(starts)))
+	elif schedule[0] == REVERSED:
+		assert starts == list(range(len(starts)))[::-1]
+
+
+def module_marks():
+	"""The `pytestmark` of a test module that runs emulated kernels: slow, skipped with the reason when
+	tdmpc2_moe._C is not built or the emulator cannot be built (`skip_reason`)."""
+	import pytest
+	from tdmpc2_moe import backend
+	return [pytest.mark.slow,
+			pytest.mark.skipif(backend() == "reference", reason="tdmpc2_moe._C is not built"),
+			pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")]
+
+
+def emu_fixture():
+	"""Returns a module-scoped pytest fixture `emu`: the loaded emulated ops (`load`), put back to the
+	default schedule after the module's tests (assign it to the name `emu` in the test module)."""
+	import pytest
+
+	@pytest.fixture(scope="module")
+	def emu():
+		ops = load()
+		yield ops
+		ops.set_schedule(*DEFAULT_SCHEDULE)
+	return emu
