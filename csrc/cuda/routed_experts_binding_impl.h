@@ -54,6 +54,23 @@ at::Tensor experts_sort_work(const at::Tensor& x, int64_t s, int64_t e) {
 	return Build::workspace(x, {routed_experts_sort_work(s, static_cast<int>(e))}, at::kLong);
 }
 
+// The fields ExpertsForwardParams and ExpertsBackwardParams share: the routing (contiguous `indices` and
+// `weights` in x's dtype), the sizes, the layers and the sort's scratch `work`.
+template <class Params>
+void fill_shared_params(Params& p, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights,
+		int64_t n_experts, int64_t simnorm_dim, const std::vector<ExpertLayerArgs>& args, const at::Tensor& work) {
+	p.f64 = x.scalar_type() == at::kDouble;
+	p.indices = indices.const_data_ptr<int64_t>();
+	p.weights = weights.const_data_ptr();
+	p.n = x.size(0);
+	p.k = static_cast<int>(indices.size(1));
+	p.e = static_cast<int>(n_experts);
+	p.group = static_cast<int>(simnorm_dim);
+	p.layers = args.data();
+	p.n_layers = static_cast<int>(args.size());
+	p.work = work.data_ptr<int64_t>();
+}
+
 // The forward; with `saved` (training) fills it as routed_experts.h lays it out, else keeps the grouping
 // and every layer's output in workspace.
 template <class Build>
@@ -100,21 +117,12 @@ at::Tensor experts_forward(const at::Tensor& x_in, const at::Tensor& indices_in,
 	at::Tensor out = x.new_empty({n, width});
 	const at::Tensor work = experts_sort_work<Build>(x, s, e);
 	ExpertsForwardParams p{};
-	p.f64 = x.scalar_type() == at::kDouble;
+	fill_shared_params(p, x, indices, weights, e, simnorm_dim, args, work);
 	p.x = x.const_data_ptr();
 	p.x_row = x.stride(0);
 	p.x_col = x.stride(1);
-	p.indices = indices.const_data_ptr<int64_t>();
-	p.weights = weights.const_data_ptr();
-	p.n = n;
-	p.k = static_cast<int>(k);
-	p.e = static_cast<int>(e);
-	p.group = static_cast<int>(simnorm_dim);
-	p.layers = args.data();
-	p.n_layers = static_cast<int>(n_layers);
 	p.table = table.data_ptr<int64_t>();
 	p.out = out.data_ptr();
-	p.work = work.data_ptr<int64_t>();
 	Build::check_launch(launch_routed_experts_forward(p, Build::stream()));
 	if (saved) {
 		saved->push_back(table);
@@ -180,16 +188,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> routed_experts_backw
 	const at::Tensor buf = Build::workspace(x, {s * (3 * wide + (input_grad ? in : 0))}, x.scalar_type());
 	const at::Tensor work = experts_sort_work<Build>(x, s, e);
 	ExpertsBackwardParams p{};
-	p.f64 = x.scalar_type() == at::kDouble;
+	fill_shared_params(p, x, indices, weights, e, simnorm_dim, args, work);
 	p.grad_out = grad_out.const_data_ptr();
-	p.indices = indices.const_data_ptr<int64_t>();
-	p.weights = weights.const_data_ptr();
-	p.n = n;
-	p.k = static_cast<int>(k);
-	p.e = static_cast<int>(e);
-	p.group = static_cast<int>(simnorm_dim);
-	p.layers = args.data();
-	p.n_layers = static_cast<int>(n_layers);
 	p.table = saved[0].const_data_ptr<int64_t>();
 	p.grad_x = input_grad ? grad_x.data_ptr() : nullptr;
 	p.grad_weights = grad_weights.data_ptr();
@@ -199,7 +199,6 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> routed_experts_backw
 	p.grad_b = base + elem * s * wide;
 	p.grad_affine = base + elem * 2 * s * wide;
 	p.grad_h0 = input_grad ? base + elem * 3 * s * wide : nullptr;
-	p.work = work.data_ptr<int64_t>();
 	Build::check_launch(launch_routed_experts_backward(p, Build::stream()));
 	return {grad_x, grad_weights.to(weights_in.scalar_type()), grad_params};
 }
