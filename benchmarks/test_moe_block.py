@@ -188,13 +188,19 @@ def test_fused_dispatch(benchmark, mode, rows, n_experts, top_k, variant, monkey
 	benchmark.pedantic(step, rounds=int(os.environ.get("DISPATCH_BENCH_ROUNDS", "15")), iterations=1, warmup_rounds=2)
 
 
-def summarize_fused(benches):
-	"""Returns the README table of test_fused_dispatch: medians (ms), the operator's ratio to dense and the rule's pick."""
+def _dispatch_medians(benches, fused):
+	"""Returns {(mode, rows, E, k, variant): median ms} of test_fused_dispatch's benchmarks (`fused`) or test_dispatch's."""
 	median = {}
 	for b in benches:
 		i = b["extra_info"]
-		if i.get("fused"):
+		if "mode" in i and bool(i.get("fused")) == fused:
 			median[(i["mode"], i["rows"], i["n_experts"], i["top_k"], i["variant"])] = b["stats"]["median"] * 1e3
+	return median
+
+
+def summarize_fused(benches):
+	"""Returns the README table of test_fused_dispatch: medians (ms), the operator's ratio to dense and the rule's pick."""
+	median = _dispatch_medians(benches, fused=True)
 	if not median:
 		return ""
 	lines = ["| mode | N | E | k | dense | fused | grouped | fused / dense | fused / grouped | auto |",
@@ -245,11 +251,7 @@ def test_plain_mlp(benchmark, shape, mlp_dim):
 
 def summarize_dispatch(benches):
 	"""Returns the dispatch table: medians in ms, sparse / dense, and what `dispatch.choose` ("auto") picks on the CPU."""
-	median = {}
-	for b in benches:
-		i = b["extra_info"]
-		if "mode" in i and not i.get("fused"):
-			median[(i["mode"], i["rows"], i["n_experts"], i["top_k"], i["variant"])] = b["stats"]["median"] * 1e3
+	median = _dispatch_medians(benches, fused=False)
 	if not median:
 		return ""
 	lines = ["| mode | N | E | k | plain | dense | sparse | padded | sparse / dense | padded / dense | faster | auto | auto, padded |",

@@ -36,9 +36,9 @@ def cpu_adam_fused():
 	"""
 	Whether Adam on the CPU takes torch's fused kernel (the default) rather than its loop over
 	tensors (`TDMPC2_MOE_CPU_ADAM=loop`). The loop makes about seven elementwise passes per parameter
-	tensor, the fused kernel one: at batch 64 it made plain's CPU update 3 % faster and the compute-
-	matched MoE's, which has more parameters than it runs, 10 % (benchmarks/README.md section 11). The two differ in float
-	rounding only; the loop is what this project's CPU runs used before (the committed learning runs).
+	tensor, the fused kernel one: at batch 64 it made plain's CPU update 3 % faster and the compute-matched
+	MoE's, which has more parameters than it runs, 10 % (benchmarks/README.md section 11). The two differ
+	in float rounding only; the loop is what this project's CPU runs used before (the committed learning runs).
 	"""
 	choice = os.environ.get("TDMPC2_MOE_CPU_ADAM", "fused")
 	if choice not in ("fused", "loop"):

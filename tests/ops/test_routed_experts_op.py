@@ -145,14 +145,9 @@ import test_routed_experts_op as t
 from tdmpc2_moe import backend
 assert backend() == "cpu", backend()
 for stack in t.STACKS:
-	activations, dims = t.STACKS[stack]
-	g = torch.Generator().manual_seed(5)
-	x = torch.randn(40, dims[0], generator=g, dtype=torch.float64)
-	idx, w = t.routing("random", 40, 8, 2, g)
-	params = t.make_params(activations, dims, 8, torch.float64, g)
-	grad_out = torch.randn(40, dims[-1], generator=g, dtype=torch.float64)
-	got = t.values_and_grads(t.op, x, idx, w.double(), params, activations, grad_out)
-	want = t.values_and_grads(t.ref, x, idx, w.double(), params, activations, grad_out)
+	activations, x, idx, w, params, grad_out = t.case_inputs(stack, 40, 8, 2, "random", torch.float64)
+	got = t.values_and_grads(t.op, x, idx, w, params, activations, grad_out)
+	want = t.values_and_grads(t.ref, x, idx, w, params, activations, grad_out)
 	for a, b in zip(got, want):
 		torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 print(t.mm_calls_inside_the_op())
